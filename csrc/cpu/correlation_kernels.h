@@ -1,0 +1,423 @@
+// CPU kernels of the local correlation: forward, gathered backward and the
+// symmetric self-correlation, written once as templates and compiled twice
+// (an AVX2+FMA build and a portable one, picked at run time; see
+// local_correlation.cpp).
+//
+// Work is split into tasks of BAND_ROWS output rows of one image. A task walks
+// the channels in chunks; for each chunk it stages the rows it needs into
+// small buffers (converted to the accumulation type, gathered from any
+// strides, zero-padded by the halo of the window, so the inner loops have no
+// bounds checks) and accumulates with the offsets of one window row held in
+// registers, SIMD over x. Inputs are read from memory once per task (halo rows
+// again, mostly from cache) and no copy of a whole input is made: the extra
+// memory is O(threads * rows * W), plus O(N*H*W) inverse norms in backward.
+//
+// Every output element is produced by one task with a fixed summation order
+// (chunks in order, channels in order), so results are bitwise identical for
+// any thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../index_math.h"
+
+#define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace stccl::cpu {
+
+constexpr int64_t BAND_ROWS = 4;
+// Bytes of staged rows one chunk of channels may take: small enough to stay
+// in L2 while the window slides over them.
+constexpr int64_t STAGE_BYTES = 192 * 1024;
+// Offsets of one window row handled per register block.
+constexpr int64_t MAX_BLOCK = 9;
+
+template <typename acc_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float vec __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double vec __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 4;
+};
+
+template <typename acc_t>
+STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load(const acc_t* p) {
+  typename Simd<acc_t>::vec v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// A read-only (N, C, H, W) operand with any strides; N may be a flattened
+// (B, T) of a clip view.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  Strides4 strides;
+  STCCL_ALWAYS_INLINE const scalar_t* row(int64_t n, int64_t c, int64_t y) const {
+    return data + element_offset(strides, n, c, y, 0);
+  }
+};
+
+// Sizes shared by every task of one call. Nothing here depends on the thread
+// count, so the summation order does not either.
+template <typename acc_t>
+struct Layout {
+  int64_t N, C, H, W, K, KK, dilation, pad;
+  int64_t bands;    // bands of BAND_ROWS rows per image
+  int64_t Wv;       // W rounded up to whole vectors
+  int64_t WB;       // staged row width with the halo on both sides
+  int64_t rows_b;   // staged rows of a band with the halo
+  int64_t chunk;    // channels per staged chunk
+
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t K_, int64_t dil)
+      : N(N_), C(C_), H(H_), W(W_), K(K_), KK(K_ * K_), dilation(dil) {
+    constexpr int64_t V = Simd<acc_t>::lanes;
+    pad = (K / 2) * dilation;
+    bands = (H + BAND_ROWS - 1) / BAND_ROWS;
+    Wv = (W + V - 1) / V * V;
+    WB = Wv + 2 * pad;
+    rows_b = BAND_ROWS + 2 * pad;
+    const int64_t per_channel = rows_b * WB * int64_t(sizeof(acc_t));
+    chunk = std::max<int64_t>(1, std::min<int64_t>(C, STAGE_BYTES / per_channel));
+  }
+  int64_t tasks() const { return N * bands; }
+};
+
+// Per-thread scratch, allocated once per parallel range.
+template <typename acc_t>
+struct Workspace {
+  std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b, scale, shift;
+  explicit Workspace(const Layout<acc_t>& L)
+      : a_stage(L.chunk * BAND_ROWS * L.Wv),
+        b_stage(L.chunk * L.rows_b * L.WB),
+        acc(std::max(BAND_ROWS * L.KK * L.Wv, L.chunk * BAND_ROWS * L.Wv)),
+        sum_a(BAND_ROWS * L.Wv),
+        sum_b(L.rows_b * L.WB),
+        inv_a(L.Wv),
+        inv_b(L.rows_b * L.WB),
+        scale(BAND_ROWS * L.Wv),
+        shift(BAND_ROWS * L.Wv) {}
+};
+
+// Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
+// image n to dst[cc][row][lead + x] in acc_t, zero outside the image and in
+// the margins, and adds the squares to sum_sq[row][lead + x] when given.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<acc_t>& L,
+                                    int64_t n, int64_t c0, int64_t count, int64_t y_first,
+                                    int64_t rows, int64_t lead, int64_t width, acc_t* dst,
+                                    acc_t* sum_sq) {
+  const int64_t W = L.W, sx = src.strides.x;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    for (int64_t row = 0; row < rows; ++row) {
+      acc_t* d = dst + (cc * rows + row) * width;
+      const int64_t y = y_first + row;
+      if (y < 0 || y >= L.H) {
+        std::memset(d, 0, width * sizeof(acc_t));
+        continue;
+      }
+      std::memset(d, 0, lead * sizeof(acc_t));
+      std::memset(d + lead + W, 0, (width - lead - W) * sizeof(acc_t));
+      const scalar_t* s = src.row(n, c0 + cc, y);
+      acc_t* dx = d + lead;
+      if (sx == 1) {
+        for (int64_t x = 0; x < W; ++x) dx[x] = static_cast<acc_t>(s[x]);
+      } else {
+        for (int64_t x = 0; x < W; ++x) dx[x] = static_cast<acc_t>(s[x * sx]);
+      }
+      if (sum_sq != nullptr) {
+        acc_t* q = sum_sq + row * width + lead;
+        for (int64_t x = 0; x < W; ++x) q[x] += dx[x] * dx[x];
+      }
+    }
+  }
+}
+
+// acc[j] += sum over count channels of a * b[j * dil], for J offsets of one
+// window row; the J accumulators stay in registers across the channel loop.
+template <int J, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+                                         int64_t b_cstride, int64_t dil, int64_t count,
+                                         acc_t* acc, int64_t acc_stride) {
+  using vec = typename Simd<acc_t>::vec;
+  vec sum[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
+  for (int64_t cc = 0; cc < count; ++cc) {
+    const vec av = load(a + cc * a_cstride);
+    const acc_t* bc = b + cc * b_cstride;
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) sum[j] += av * load(bc + j * dil);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
+}
+
+// dst[cc] += sum over J offsets of w[j] * x[cc][j * dil], for count channels;
+// the J weights stay in registers across the channel loop.
+template <int J, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const acc_t* x,
+                                      int64_t x_cstride, int64_t dil, int64_t count, acc_t* dst,
+                                      int64_t dst_cstride) {
+  using vec = typename Simd<acc_t>::vec;
+  vec wv[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) wv[j] = load(w + j * w_stride);
+  for (int64_t cc = 0; cc < count; ++cc) {
+    const acc_t* xc = x + cc * x_cstride;
+    vec s = load(dst + cc * dst_cstride);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) s += wv[j] * load(xc + j * dil);
+    store(dst + cc * dst_cstride, s);
+  }
+}
+
+// Runs Block<J> over `offsets` offsets of a window row in register blocks of
+// at most MAX_BLOCK; `shift(j0)` advances the arguments to offset j0.
+#define STCCL_BLOCKED(BLOCK, offsets, ...)                                   \
+  do {                                                                       \
+    int64_t j0 = 0;                                                          \
+    for (; (offsets) - j0 > MAX_BLOCK; j0 += MAX_BLOCK) BLOCK<MAX_BLOCK>(__VA_ARGS__); \
+    switch ((offsets) - j0) {                                                \
+      case 1: BLOCK<1>(__VA_ARGS__); break;                                  \
+      case 2: BLOCK<2>(__VA_ARGS__); break;                                  \
+      case 3: BLOCK<3>(__VA_ARGS__); break;                                  \
+      case 4: BLOCK<4>(__VA_ARGS__); break;                                  \
+      case 5: BLOCK<5>(__VA_ARGS__); break;                                  \
+      case 6: BLOCK<6>(__VA_ARGS__); break;                                  \
+      case 7: BLOCK<7>(__VA_ARGS__); break;                                  \
+      case 8: BLOCK<8>(__VA_ARGS__); break;                                  \
+      case 9: BLOCK<9>(__VA_ARGS__); break;                                  \
+      default: break;                                                        \
+    }                                                                        \
+  } while (0)
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  Operand<scalar_t> a, b;
+  scalar_t* out;  // contiguous (N, K*K, H, W)
+  bool normalize, self;
+  acc_t eps;
+};
+
+// One band of the forward pass. For a self-correlation (a is b) only the
+// offsets up to the centre are computed; mirror_self_correlation fills in the
+// rest afterwards.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
+                                      const Layout<acc_t>& L, int64_t task,
+                                      Workspace<acc_t>& ws) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * BAND_ROWS;
+  const int64_t rows = std::min(BAND_ROWS, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
+  const int64_t r = K / 2, window_rows = args.self ? r + 1 : K;
+  acc_t* acc = ws.acc.data();
+  acc_t* sum_b = ws.sum_b.data();
+  acc_t* sum_a = args.self ? nullptr : ws.sum_a.data();
+  std::fill_n(acc, rows * KK * Wv, acc_t(0));
+  std::fill_n(sum_b, rows_b * WB, acc_t(0));
+  if (sum_a) std::fill_n(sum_a, rows * Wv, acc_t(0));
+
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    acc_t* b_stage = ws.b_stage.data();
+    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, pad, WB, b_stage,
+               args.normalize ? sum_b : nullptr);
+    const acc_t* a_rows;
+    int64_t a_cstride, a_rstride;
+    if (args.self) {
+      a_rows = b_stage + pad * WB + pad;
+      a_cstride = rows_b * WB;
+      a_rstride = WB;
+    } else {
+      stage_rows(args.a, L, n, c0, count, y0, rows, 0, Wv, ws.a_stage.data(),
+                 args.normalize ? sum_a : nullptr);
+      a_rows = ws.a_stage.data();
+      a_cstride = rows * Wv;
+      a_rstride = Wv;
+    }
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < window_rows; ++i) {
+        const int64_t offsets = (args.self && i == r) ? r + 1 : K;
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* a_vec = a_rows + rr * a_rstride + xb;
+          const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+          acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
+          STCCL_BLOCKED(correlate_block, offsets, a_vec, a_cstride, b_vec + j0 * d,
+                        rows_b * WB, d, count, acc_vec + j0 * Wv, Wv);
+        }
+      }
+    }
+  }
+
+  // Epilogue: scale by the inverse norms (1 in raw mode), 0 outside the image.
+  acc_t* inv_b = ws.inv_b.data();
+  for (int64_t row = 0; row < rows_b; ++row) {
+    const int64_t y = y0 - pad + row;
+    for (int64_t xp = 0; xp < WB; ++xp) {
+      const int64_t x = xp - pad;
+      acc_t v = 0;
+      if (in_image(y, x, L.H, L.W))
+        v = args.normalize ? inverse_norm(sum_b[row * WB + xp], args.eps) : acc_t(1);
+      inv_b[row * WB + xp] = v;
+    }
+  }
+  acc_t* inv_a = ws.inv_a.data();
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t x = 0; x < L.W; ++x) {
+      inv_a[x] = !args.normalize ? acc_t(1)
+                 : args.self     ? inv_b[(rr + pad) * WB + pad + x]
+                                 : inverse_norm(sum_a[rr * Wv + x], args.eps);
+    }
+    for (int64_t i = 0; i < window_rows; ++i) {
+      const int64_t offsets = (args.self && i == r) ? r + 1 : K;
+      for (int64_t j = 0; j < offsets; ++j) {
+        const int64_t k = i * K + j;
+        const acc_t* a_k = acc + (rr * KK + k) * Wv;
+        const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
+        scalar_t* o = args.out + ((n * KK + k) * L.H + y0 + rr) * L.W;
+        for (int64_t x = 0; x < L.W; ++x)
+          o[x] = static_cast<scalar_t>(a_k[x] * inv_a[x] * inv_q[x]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  Operand<scalar_t> grad_out, out;  // (N, K*K, H, W)
+  Operand<scalar_t> other;          // the operand gathered over the window
+  Operand<scalar_t> own;            // the operand whose gradient this is
+  const acc_t* inv_own;             // (N, H, W) inverse norms; null in raw mode
+  const acc_t* pass_own;            // (N, H, W) 1 where ||v|| >= eps, else 0
+  const acc_t* inv_other;           // (N, H, W) inverse norms of `other`
+  scalar_t* grad;                   // contiguous (N, C, H, W)
+  enum Mode { GRAD_A, GRAD_B, GRAD_SELF } mode;
+};
+
+// The weight w[k][p] of other[p + d_k] in the gradient at p, and the scalar
+// c[p] of the projection term, for one band. With â = a * ra:
+//   grad_a[p] = ra_p sum_k g[p,k] rb_q b_q - pass_p ra_p^2 c_p a_p,
+//               q = p + d_k, c_p = sum_k g[p,k] out[p,k];
+//   grad_b[p] gathers the outputs o = p + d_k whose offset mirror(k) lands on
+//               p, with weights g[o,mirror(k)] ra_o;
+//   self:       G[p,k] = g[p,k] + g[q,mirror(k)] (the two roles of x).
+// The result is grad[p] = scale_p * sum_k w[k][p] other[p + d_k] - shift_p own_p.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void backward_weights(const BackwardArgs<scalar_t, acc_t>& args,
+                                          const Layout<acc_t>& L, int64_t n, int64_t y0,
+                                          int64_t rows, Workspace<acc_t>& ws) {
+  const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv;
+  const bool cosine = args.inv_own != nullptr;
+  const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
+  acc_t* w = ws.acc.data();
+  std::fill_n(w, rows * KK * Wv, acc_t(0));
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t y = y0 + rr;
+    acc_t* csum = ws.shift.data() + rr * Wv;
+    std::fill_n(csum, Wv, acc_t(0));
+    for (int64_t k = 0; k < KK; ++k) {
+      const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);
+      const int64_t yq = y + dy;
+      if (yq < 0 || yq >= H) continue;
+      const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(W, W - dx);
+      acc_t* wk = w + (rr * KK + k) * Wv;
+      const acc_t* inv_q = cosine ? args.inv_other + (n * H + yq) * W + dx : nullptr;
+      if (args.mode == BackwardArgs<scalar_t, acc_t>::GRAD_B) {
+        // The output at o = p + d_k whose offset mirror(k) points back at p.
+        const int64_t km = mirror_offset(k, K);
+        const scalar_t* g = args.grad_out.row(n, km, yq) + dx * gx;
+        const scalar_t* o = args.out.row(n, km, yq) + dx * ox;
+        for (int64_t x = x_lo; x < x_hi; ++x) {
+          const acc_t gv = static_cast<acc_t>(g[x * gx]);
+          wk[x] = cosine ? gv * inv_q[x] : gv;
+          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+        }
+      } else {
+        const scalar_t* g = args.grad_out.row(n, k, y);
+        const scalar_t* o = args.out.row(n, k, y);
+        const scalar_t* g_mirror = nullptr;
+        if (args.mode == BackwardArgs<scalar_t, acc_t>::GRAD_SELF)
+          g_mirror = args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx;
+        for (int64_t x = x_lo; x < x_hi; ++x) {
+          acc_t gv = static_cast<acc_t>(g[x * gx]);
+          if (g_mirror) gv += static_cast<acc_t>(g_mirror[x * gx]);
+          wk[x] = cosine ? gv * inv_q[x] : gv;
+          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+        }
+      }
+    }
+    acc_t* scale = ws.scale.data() + rr * Wv;
+    for (int64_t x = 0; x < W; ++x) {
+      if (cosine) {
+        const acc_t inv = args.inv_own[(n * H + y) * W + x];
+        scale[x] = inv;
+        csum[x] *= args.pass_own[(n * H + y) * W + x] * inv * inv;
+      } else {
+        scale[x] = 1;
+        csum[x] = 0;
+      }
+    }
+  }
+}
+
+// One band of a gradient: grad[p] = scale_p * sum_k w[k][p] other[p + d_k]
+// - shift_p * own_p, gathered per output pixel (no atomics).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args,
+                                       const Layout<acc_t>& L, int64_t task,
+                                       Workspace<acc_t>& ws) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * BAND_ROWS;
+  const int64_t rows = std::min(BAND_ROWS, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
+  backward_weights(args, L, n, y0, rows, ws);
+  const acc_t* w = ws.acc.data();
+  acc_t* x_stage = ws.b_stage.data();
+  acc_t* dst = ws.a_stage.data();
+  const int64_t ox = args.own.strides.x;
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    stage_rows(args.other, L, n, c0, count, y0 - pad, rows_b, pad, WB, x_stage,
+               static_cast<acc_t*>(nullptr));
+    std::fill_n(dst, count * rows * Wv, acc_t(0));
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
+          const acc_t* x_vec = x_stage + (rr + i * d) * WB + xb;
+          STCCL_BLOCKED(gather_block, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d, rows_b * WB, d,
+                        count, dst + rr * Wv + xb, rows * Wv);
+        }
+      }
+    }
+    for (int64_t cc = 0; cc < count; ++cc) {
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        const acc_t* s = dst + (cc * rows + rr) * Wv;
+        const acc_t* scale = ws.scale.data() + rr * Wv;
+        const acc_t* shift = ws.shift.data() + rr * Wv;
+        const scalar_t* own = args.own.row(n, c0 + cc, y0 + rr);
+        scalar_t* g = args.grad + ((n * L.C + c0 + cc) * L.H + y0 + rr) * L.W;
+        for (int64_t x = 0; x < L.W; ++x)
+          g[x] = static_cast<scalar_t>(scale[x] * s[x] -
+                                       shift[x] * static_cast<acc_t>(own[x * ox]));
+      }
+    }
+  }
+}
+
+}  // namespace stccl::cpu

@@ -1,0 +1,253 @@
+// CPU kernels of stccl_ops::local_correlation and self_correlation (forward and
+// backward), behind the schemas in csrc/ops.cpp.
+//
+// Copy policy: none. Operands of any strides (channels_last, slices, expanded,
+// 5-D clip views) are read in place by the staging loop of each task, which
+// also converts half types to float; only the outputs and gradients are
+// allocated (contiguous).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "correlation_kernels.h"
+#include "isa.h"
+
+namespace stccl::cpu {
+namespace {
+
+template <typename scalar_t>
+Operand<scalar_t> operand(const at::Tensor& t) {
+  const auto st = t.strides();
+  const int64_t d = t.dim();
+  Strides4 s;
+  s.inner = d == 5 ? t.size(1) : 1;
+  s.outer = st[0];
+  s.batch = d == 5 ? st[1] : 0;
+  s.c = st[d - 3];
+  s.y = st[d - 2];
+  s.x = st[d - 1];
+  return {t.const_data_ptr<scalar_t>(), s};
+}
+
+// N, C, H, W of a 4-D operand or of a clip with its (B, T) flattened.
+std::array<int64_t, 4> dims(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  return {d == 5 ? t.size(0) * t.size(1) : t.size(0), t.size(d - 3), t.size(d - 2),
+          t.size(d - 1)};
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_band_generic(const ForwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L,
+                          int64_t task, Workspace<acc_t>& ws) {
+  forward_band(args, L, task, ws);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_band_generic(const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L,
+                           int64_t task, Workspace<acc_t>& ws) {
+  backward_band(args, L, task, ws);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The same templates, compiled with AVX2+FMA enabled: the always-inline
+// kernels take the target of the function they are inlined into, so nothing
+// outside these two functions uses AVX2 instructions.
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void forward_band_avx2(
+    const ForwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
+    Workspace<acc_t>& ws) {
+  forward_band(args, L, task, ws);
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void backward_band_avx2(
+    const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
+    Workspace<acc_t>& ws) {
+  backward_band(args, L, task, ws);
+}
+#define STCCL_PICK(name) (use_avx2() ? &name##_avx2<scalar_t, acc_t> : &name##_generic<scalar_t, acc_t>)
+#else
+#define STCCL_PICK(name) (&name##_generic<scalar_t, acc_t>)
+#endif
+
+// Runs every band task; each thread gets a contiguous range of tasks (so
+// neighbouring bands share cached halo rows) and one workspace.
+template <typename Args, typename acc_t, typename Fn>
+void run_bands(const Layout<acc_t>& L, const Args& args, Fn band) {
+  at::parallel_for(0, L.tasks(), 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(L);
+    for (int64_t task = begin; task < end; ++task) band(args, L, task, ws);
+  });
+}
+
+// inv[n, y, x] = 1 / max(||v[n, :, y, x]||, eps) and pass = (||v|| >= eps).
+template <typename scalar_t, typename acc_t>
+void inverse_norms(const Operand<scalar_t>& v, const Layout<acc_t>& L, acc_t eps, acc_t* inv,
+                   acc_t* pass) {
+  at::parallel_for(0, L.N * L.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(L.W);
+    const int64_t sx = v.strides.x;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / L.H, y = row % L.H;
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t c = 0; c < L.C; ++c) {
+        const scalar_t* p = v.row(n, c, y);
+        for (int64_t x = 0; x < L.W; ++x) {
+          const acc_t e = static_cast<acc_t>(p[x * sx]);
+          sum[x] += e * e;
+        }
+      }
+      for (int64_t x = 0; x < L.W; ++x) {
+        inv[row * L.W + x] = inverse_norm(sum[x], eps);
+        pass[row * L.W + x] = norm_passes_clamp(sum[x], eps) ? acc_t(1) : acc_t(0);
+      }
+    }
+  });
+}
+
+// Fills the offsets past the centre of a self-correlation from the computed
+// ones: out[p, mirror(k)] = out[p + d_mirror(k), k].
+template <typename scalar_t>
+void mirror_self_correlation(scalar_t* out, int64_t N, int64_t K, int64_t H, int64_t W,
+                             int64_t dilation) {
+  const int64_t KK = K * K, centre = KK / 2, mirrored = KK - centre - 1;
+  at::parallel_for(0, N * mirrored * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t y = idx % H, kb = centre + 1 + (idx / H) % mirrored, n = idx / (H * mirrored);
+      const int64_t k = mirror_offset(kb, K);
+      const int64_t dy = offset_dy(kb, K, dilation), dx = offset_dx(kb, K, dilation);
+      scalar_t* dst = out + ((n * KK + kb) * H + y) * W;
+      const int64_t ys = y + dy;
+      if (ys < 0 || ys >= H) {
+        std::fill_n(dst, W, scalar_t(0));
+        continue;
+      }
+      const scalar_t* src = out + ((n * KK + k) * H + ys) * W + dx;
+      for (int64_t x = 0; x < W; ++x) dst[x] = (x + dx >= 0 && x + dx < W) ? src[x] : scalar_t(0);
+    }
+  });
+}
+
+at::Tensor correlation_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
+                               int64_t dilation, bool normalize, double eps, bool self) {
+  auto out = at::empty(correlation_shape(a, kernel_size), a.options());
+  if (out.numel() == 0) return out;
+  const auto shape = dims(a);
+  const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation);
+    const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
+                                            out.mutable_data_ptr<scalar_t>(), normalize, self,
+                                            static_cast<acc_t>(eps)};
+    run_bands(L, args, STCCL_PICK(forward_band));
+    if (self) mirror_self_correlation(args.out, N, kernel_size, H, W, dilation);
+  });
+  return out;
+}
+
+at::Tensor local_correlation_cpu(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
+                                 int64_t dilation, bool normalize, double eps) {
+  check_operand(a, "local_correlation", "a");
+  check_operand(b, "local_correlation", "b");
+  check_same(b, a, "local_correlation", "b", "a");
+  check_window(kernel_size, dilation, eps, "local_correlation");
+  return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+}
+
+at::Tensor self_correlation_cpu(const at::Tensor& x, int64_t kernel_size, int64_t dilation,
+                                bool normalize, double eps) {
+  check_operand(x, "self_correlation", "x");
+  check_window(kernel_size, dilation, eps, "self_correlation");
+  return correlation_forward(x, x, kernel_size, dilation, normalize, eps, /*self=*/true);
+}
+
+// Gradients of a and/or b (of x when self); the inverse norms are computed
+// once and shared by both.
+std::tuple<at::Tensor, at::Tensor> correlation_backward(
+    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+    int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_a, bool need_b,
+    bool self) {
+  at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
+  if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
+  const auto shape = dims(a);
+  const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Args = BackwardArgs<scalar_t, acc_t>;
+    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation);
+    const auto oa = operand<scalar_t>(a), ob = operand<scalar_t>(b);
+    // Rows: inverse norm and clamp pass of a, then of b (the same rows for self).
+    at::Tensor norms;
+    acc_t *inv_a = nullptr, *pass_a = nullptr, *inv_b = nullptr, *pass_b = nullptr;
+    if (normalize) {
+      norms = at::empty({self ? 2 : 4, N * H * W}, a.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* base = norms.mutable_data_ptr<acc_t>();
+      inv_a = base;
+      pass_a = base + N * H * W;
+      inverse_norms(oa, L, static_cast<acc_t>(eps), inv_a, pass_a);
+      if (self) {
+        inv_b = inv_a;
+        pass_b = pass_a;
+      } else {
+        inv_b = base + 2 * N * H * W;
+        pass_b = base + 3 * N * H * W;
+        inverse_norms(ob, L, static_cast<acc_t>(eps), inv_b, pass_b);
+      }
+    }
+    const auto og = operand<scalar_t>(grad_out), oo = operand<scalar_t>(out);
+    const auto band = STCCL_PICK(backward_band);
+    if (need_a) {
+      const Args args{og, oo, ob, oa, inv_a, pass_a, inv_b, grad_a.mutable_data_ptr<scalar_t>(),
+                      self ? Args::GRAD_SELF : Args::GRAD_A};
+      run_bands(L, args, band);
+    }
+    if (need_b) {
+      const Args args{og, oo, oa, ob, inv_b, pass_b, inv_a, grad_b.mutable_data_ptr<scalar_t>(),
+                      Args::GRAD_B};
+      run_bands(L, args, band);
+    }
+  });
+  return {grad_a, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> local_correlation_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+    int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
+    bool need_grad_b) {
+  const char* op = "_local_correlation_backward";
+  check_operand(a, op, "a");
+  check_same(b, a, op, "b", "a");
+  check_window(kernel_size, dilation, eps, op);
+  check_volume(grad_out, a, kernel_size, op, "grad_out");
+  check_volume(out, a, kernel_size, op, "out");
+  return correlation_backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
+                              need_grad_a, need_grad_b, /*self=*/false);
+}
+
+at::Tensor self_correlation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                         const at::Tensor& out, int64_t kernel_size,
+                                         int64_t dilation, bool normalize, double eps) {
+  const char* op = "_self_correlation_backward";
+  check_operand(x, op, "x");
+  check_window(kernel_size, dilation, eps, op);
+  check_volume(grad_out, x, kernel_size, op, "grad_out");
+  check_volume(out, x, kernel_size, op, "out");
+  return std::get<0>(correlation_backward(grad_out, x, x, out, kernel_size, dilation, normalize,
+                                          eps, /*need_a=*/true, /*need_b=*/false,
+                                          /*self=*/true));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stccl_ops, CPU, m) {
+  m.impl("local_correlation", &local_correlation_cpu);
+  m.impl("_local_correlation_backward", &local_correlation_backward_cpu);
+  m.impl("self_correlation", &self_correlation_cpu);
+  m.impl("_self_correlation_backward", &self_correlation_backward_cpu);
+}
+
+}  // namespace stccl::cpu

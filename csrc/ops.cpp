@@ -1,0 +1,57 @@
+// The one place every op of the package is declared. Kernels are added per
+// backend with TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/); autograd, fake
+// kernels and autocast are registered from Python (stccl_ops/_ops.py).
+#include <torch/extension.h>
+
+#include <string>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(stccl_ops, m) {
+  // out[n, k, y, x] = <â[n, :, y, x], b̂[n, :, y + dy_k, x + dx_k]>; a and b are
+  // (N, C, H, W) or (B, T, C, H, W) with any strides; out is (..., K*K, H, W).
+  m.def("local_correlation(Tensor a, Tensor b, int kernel_size, int dilation, bool normalize, "
+        "float eps) -> Tensor");
+  // Gradients for a and b (undefined where not asked for), gathered per pixel.
+  m.def("_local_correlation_backward(Tensor grad_out, Tensor a, Tensor b, Tensor out, "
+        "int kernel_size, int dilation, bool normalize, float eps, bool need_grad_a, "
+        "bool need_grad_b) -> (Tensor, Tensor)");
+  // local_correlation(x, x), computed on half the offsets by symmetry.
+  m.def("self_correlation(Tensor x, int kernel_size, int dilation, bool normalize, float eps) "
+        "-> Tensor");
+  m.def("_self_correlation_backward(Tensor grad_out, Tensor x, Tensor out, int kernel_size, "
+        "int dilation, bool normalize, float eps) -> Tensor");
+}
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#ifdef STCCL_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::string(STCCL_CUDA_VERSION);
+  info["cuda_arch_list"] = std::string(STCCL_CUDA_ARCH_LIST);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_arch_list"] = py::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_simd_paths"] = stccl::cpu::compiled_isas();
+  info["cpu_simd_path"] = stccl::cpu::active_isa();
+  info["torch_version"] = std::string(STCCL_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "stccl_ops compiled kernels; the ops live in torch.ops.stccl_ops";
+  m.def("build_info", &build_info, "How this extension was built.");
+  m.def("_set_cpu_isa", &stccl::cpu::set_isa,
+        "Force the CPU kernel path: 'auto', 'avx2' or 'generic' (for tests).");
+}

@@ -1,0 +1,44 @@
+"""stccl_ops: fused local (patch-neighbourhood) and cross-frame cosine
+correlation volumes for Spatial-Temporal Coherent Correlation Learning.
+
+Public API: the functions below (shapes in their docstrings), the
+autograd.Function drop-ins, the nn.Modules, ``available_backends()`` and
+``build_info()``. ``stccl_ops.reference`` holds the pure-PyTorch specification.
+"""
+
+from . import reference
+from ._backends import available_backends
+from ._ops import build_info
+from .autograd import LocalCorrelationFunction, SelfCorrelationFunction
+from .functional import (
+    SpatioTemporal,
+    local_correlation,
+    spatial_correlation,
+    spatiotemporal_correlation,
+    temporal_correlation,
+)
+from .modules import (
+    LocalCorrelation,
+    SpatialCorrelation,
+    SpatioTemporalCorrelation,
+    TemporalCorrelation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LocalCorrelation",
+    "LocalCorrelationFunction",
+    "SelfCorrelationFunction",
+    "SpatialCorrelation",
+    "SpatioTemporal",
+    "SpatioTemporalCorrelation",
+    "TemporalCorrelation",
+    "available_backends",
+    "build_info",
+    "local_correlation",
+    "reference",
+    "spatial_correlation",
+    "spatiotemporal_correlation",
+    "temporal_correlation",
+]

@@ -1,0 +1,151 @@
+"""The backends behind the public API and how one is chosen.
+
+A backend turns checked arguments into a differentiable correlation. The
+compiled ones expose four ops (forward, backward, self-forward, self-backward)
+with registered autograd, fake kernels and autocast; the public functions call
+the forward ops, the autograd.Function drop-ins call all four.
+"""
+
+import os
+import warnings
+
+import torch
+
+from . import _ops, reference
+
+NAMES = ("reference", "cpp", "cuda", "triton")
+
+
+class Backend:
+    name = ""
+    devices = ()  # device types it runs on
+
+    def unavailable(self, device):
+        """None when usable for tensors on `device`, else the reason why not."""
+        if device.type not in self.devices:
+            return f"it runs on {' or '.join(self.devices)} tensors, got {device}"
+        return None
+
+    def require(self, fn, device):
+        reason = self.unavailable(device)
+        if reason is not None:
+            raise ValueError(f"stccl_ops.{fn}: backend '{self.name}' cannot be used: {reason}")
+
+    def local(self, a, b, kernel_size, dilation, normalize, eps):
+        return self.forward_op(a, b, kernel_size, dilation, normalize, eps)
+
+    def self_correlation(self, x, kernel_size, dilation, normalize, eps):
+        return self.self_forward_op(x, kernel_size, dilation, normalize, eps)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def unavailable(self, device):
+        return None
+
+    def local(self, a, b, kernel_size, dilation, normalize, eps):
+        return reference.local_correlation(a, b, kernel_size, dilation, normalize, eps)
+
+    def self_correlation(self, x, kernel_size, dilation, normalize, eps):
+        return reference.local_correlation(x, x, kernel_size, dilation, normalize, eps)
+
+
+class ExtensionBackend(Backend):
+    """The C++ (CPU) and CUDA kernels: torch.ops.stccl_ops.*, dispatched by device."""
+
+    def __init__(self, name, device_type):
+        self.name, self.devices = name, (device_type,)
+
+    def require(self, fn, device):
+        _ops.require_extension(self.name)
+        if self.name == "cuda" and not _ops.build_info()["cuda"]:
+            raise ImportError(
+                "stccl_ops: backend 'cuda' is not built: this stccl_ops._C was compiled without "
+                "CUDA. Rebuild with a CUDA toolkit and a CUDA build of torch "
+                "(STCCL_FORCE_CUDA=1 pip install --no-build-isolation .).")
+        super().require(fn, device)
+
+    def unavailable(self, device):
+        if _ops._C is None:
+            return "the extension stccl_ops._C is not built"
+        if self.name == "cuda" and not _ops.build_info()["cuda"]:
+            return "stccl_ops._C was built without CUDA"
+        return super().unavailable(device)
+
+    @property
+    def forward_op(self):
+        return torch.ops.stccl_ops.local_correlation
+
+    @property
+    def backward_op(self):
+        return torch.ops.stccl_ops._local_correlation_backward
+
+    @property
+    def self_forward_op(self):
+        return torch.ops.stccl_ops.self_correlation
+
+    @property
+    def self_backward_op(self):
+        return torch.ops.stccl_ops._self_correlation_backward
+
+
+BACKENDS = {
+    "reference": ReferenceBackend(),
+    "cpp": ExtensionBackend("cpp", "cpu"),
+    "cuda": ExtensionBackend("cuda", "cuda"),
+}
+
+# Preference of `auto` per device type, fastest first; the GPU order is
+# set from benchmarks (README, "Benchmarks").
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_warned = set()
+
+
+def register(backend):
+    """Adds a backend (the Triton one registers itself when Triton imports)."""
+    BACKENDS[backend.name] = backend
+
+
+def requested_name(fn, backend):
+    name = backend if backend is not None else os.environ.get("STCCL_BACKEND", "") or "auto"
+    if not isinstance(name, str) or name not in NAMES + ("auto",):
+        raise ValueError(f"stccl_ops.{fn}: backend must be one of {', '.join(NAMES)} or 'auto', "
+                         f"got {name!r}")
+    return name
+
+
+def resolve(fn, backend, device, compiled_only=False):
+    """The Backend for `backend` (None: $STCCL_BACKEND, else 'auto') on `device`."""
+    name = requested_name(fn, backend)
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ImportError(f"stccl_ops: backend '{name}' is not part of this build")
+        chosen = BACKENDS[name]
+        if compiled_only and chosen.name == "reference":
+            raise ValueError(f"stccl_ops.{fn}: needs a compiled backend (cpp, cuda, triton); "
+                             "for the reference call stccl_ops.reference directly")
+        chosen.require(fn, device)
+        return chosen
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    candidates = [BACKENDS[n] for n in order if n in BACKENDS]
+    if compiled_only:
+        candidates = [c for c in candidates if c.name != "reference"]
+    for chosen in candidates:
+        if chosen.unavailable(device) is None:
+            break
+    else:
+        raise ValueError(f"stccl_ops.{fn}: no compiled backend is available for {device}")
+    if chosen is not candidates[0] and device.type not in _warned:
+        _warned.add(device.type)
+        reasons = "; ".join(f"{c.name}: {c.unavailable(device)}" for c in candidates
+                            if c is not chosen and c.unavailable(device))
+        warnings.warn(f"stccl_ops: backend 'auto' falls back to '{chosen.name}' on "
+                      f"{device.type} ({reasons})", RuntimeWarning, stacklevel=3)
+    return chosen
+
+
+def available_backends(device="cpu"):
+    """Names of the backends usable for tensors on `device`."""
+    device = torch.device(device)
+    return [name for name, b in BACKENDS.items() if b.unavailable(device) is None]

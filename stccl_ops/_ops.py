@@ -1,0 +1,118 @@
+"""The compiled extension and the torch.library registrations of its ops.
+
+The schemas live in csrc/ops.cpp. Here each op gets a fake (meta) kernel for
+torch.compile, its autograd formula (the backward is an op of its own, with a
+kernel per backend), and its autocast policy. The same two backward functions
+serve the registered ops and the autograd.Function drop-ins.
+"""
+
+import torch
+
+try:
+    from . import _C  # registers torch.ops.stccl_ops.*
+    EXTENSION_ERROR = None
+except ImportError as error:  # a source checkout that was not built
+    _C = None
+    EXTENSION_ERROR = error
+
+
+def require_extension(backend):
+    if _C is None:
+        raise ImportError(
+            f"stccl_ops: backend '{backend}' needs the compiled extension stccl_ops._C, which "
+            f"could not be imported ({EXTENSION_ERROR}). Build it from the source tree with "
+            "`pip install --no-build-isolation .` (see README: Install).")
+
+
+def build_info():
+    """How the extension was built: CUDA (and its arch list), OpenMP, CPU SIMD paths.
+
+    Without a built extension: {"extension": False, "error": ...}.
+    """
+    if _C is None:
+        return {"extension": False, "error": str(EXTENSION_ERROR)}
+    return {"extension": True, **_C.build_info()}
+
+
+def volume_shape(shape, kernel_size):
+    """(..., C, H, W) -> (..., K*K, H, W)."""
+    return (*shape[:-3], kernel_size * kernel_size, *shape[-2:])
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "stccl_ops: double backward (the gradient of a correlation's gradient) is not "
+        "supported by the compiled backends; use backend='reference' for it")
+
+
+def local_backward(ctx, grad_out):
+    """Backward of local_correlation, shared by the op and the autograd.Function."""
+    a, b, out = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_a, grad_b = ctx.backward_op(grad_out, a, b, out, *ctx.window, need_a, need_b)
+    return (grad_a, grad_b) + (None,) * (ctx.num_inputs - 2)
+
+
+def self_backward(ctx, grad_out):
+    """Backward of self_correlation, shared by the op and the autograd.Function."""
+    x, out = ctx.saved_tensors
+    grad_x = ctx.backward_op(grad_out, x, out, *ctx.window)
+    return (grad_x,) + (None,) * (ctx.num_inputs - 1)
+
+
+def save_local(ctx, a, b, out, window, backward_op, num_inputs):
+    ctx.window, ctx.backward_op, ctx.num_inputs = window, backward_op, num_inputs
+    if any(ctx.needs_input_grad[:2]):
+        # Either gradient needs both operands (their norms and each other).
+        ctx.save_for_backward(a, b, out)
+
+
+def save_self(ctx, x, out, window, backward_op, num_inputs):
+    ctx.window, ctx.backward_op, ctx.num_inputs = window, backward_op, num_inputs
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(x, out)
+
+
+def _register():
+    ops = torch.ops.stccl_ops
+
+    @torch.library.register_fake("stccl_ops::local_correlation")
+    def _(a, b, kernel_size, dilation, normalize, eps):
+        return a.new_empty(volume_shape(a.shape, kernel_size))
+
+    @torch.library.register_fake("stccl_ops::self_correlation")
+    def _(x, kernel_size, dilation, normalize, eps):
+        return x.new_empty(volume_shape(x.shape, kernel_size))
+
+    @torch.library.register_fake("stccl_ops::_local_correlation_backward")
+    def _(grad_out, a, b, out, kernel_size, dilation, normalize, eps, need_grad_a, need_grad_b):
+        return (a.new_empty(a.shape) if need_grad_a else None,
+                b.new_empty(b.shape) if need_grad_b else None)
+
+    @torch.library.register_fake("stccl_ops::_self_correlation_backward")
+    def _(grad_out, x, out, kernel_size, dilation, normalize, eps):
+        return x.new_empty(x.shape)
+
+    def setup_local(ctx, inputs, output):
+        a, b, *window = inputs
+        save_local(ctx, a, b, output, tuple(window), ops._local_correlation_backward, len(inputs))
+
+    def setup_self(ctx, inputs, output):
+        x, *window = inputs
+        save_self(ctx, x, output, tuple(window), ops._self_correlation_backward, len(inputs))
+
+    torch.library.register_autograd("stccl_ops::local_correlation", local_backward,
+                                    setup_context=setup_local)
+    torch.library.register_autograd("stccl_ops::self_correlation", self_backward,
+                                    setup_context=setup_self)
+    for name in ("_local_correlation_backward", "_self_correlation_backward"):
+        torch.library.register_autograd(f"stccl_ops::{name}", _no_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
+    # Autocast: like F.cosine_similarity, the correlations run in float32.
+    for name in ("local_correlation", "self_correlation"):
+        for device_type in ("cpu", "cuda"):
+            torch.library.register_autocast(f"stccl_ops::{name}", device_type, torch.float32)
+
+
+if _C is not None:
+    _register()

@@ -1,0 +1,104 @@
+"""The public correlation functions. Each checks its arguments, applies the
+autocast policy and hands the work to the chosen backend."""
+
+from typing import NamedTuple
+
+import torch
+
+from . import _backends
+from ._checks import check_frame_stride, check_pair, check_tensor, check_window
+
+
+def _autocast_float32(*tensors):
+    """Autocast policy: like F.cosine_similarity, a correlation runs in float32
+    when autocast is on for the inputs' device (inputs of mixed half/float
+    dtypes are fine then); outside autocast the inputs' own dtype is kept."""
+    device_type = tensors[0].device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
+def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+    """Correlation of every pixel of ``a`` with the K x K neighbourhood of the
+    same pixel in ``b``.
+
+    Args:
+        a, b: (N, C, H, W), same shape, dtype (float16, bfloat16, float32,
+            float64) and device; any strides.
+        kernel_size: K, odd >= 1. dilation: >= 1, spacing of the window.
+        normalize: cosine correlation (channel vectors divided by
+            max(||v||, eps), as F.normalize) if True, raw dot product if False.
+        backend: 'reference', 'cpp', 'cuda', 'triton' or 'auto'; None reads
+            $STCCL_BACKEND, else 'auto'.
+
+    Returns:
+        (N, K*K, H, W) in the input dtype: channel k = i*K + j is the offset
+        ((i - K//2) * dilation, (j - K//2) * dilation); neighbours outside the
+        image give 0.
+    """
+    fn = "local_correlation"
+    check_tensor(fn, "a", a, (4,))
+    check_tensor(fn, "b", b, (4,))
+    check_window(fn, kernel_size, dilation, normalize, eps)
+    a, b = _autocast_float32(a, b)
+    check_pair(fn, a, b)
+    impl = _backends.resolve(fn, backend, a.device)
+    return impl.local(a, b, kernel_size, dilation, normalize, float(eps))
+
+
+def spatial_correlation(x, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+    """Self-correlation ``local_correlation(x, x)`` of a map or of every frame of a clip.
+
+    x: (N, C, H, W) -> (N, K*K, H, W), or (B, T, C, H, W) -> (B, T, K*K, H, W).
+    The compiled backends compute half of the offsets and mirror the rest
+    (out[p, d] = out[p + d, -d]).
+    """
+    fn = "spatial_correlation"
+    check_tensor(fn, "x", x, (4, 5))
+    check_window(fn, kernel_size, dilation, normalize, eps)
+    (x,) = _autocast_float32(x)
+    impl = _backends.resolve(fn, backend, x.device)
+    return impl.self_correlation(x, kernel_size, dilation, normalize, float(eps))
+
+
+def temporal_correlation(v, kernel_size=1, dilation=1, normalize=True, eps=1e-8, frame_stride=1,
+                         backend=None):
+    """Correlation of frame t with the K x K neighbourhood in frame t + frame_stride.
+
+    v: (B, T, C, H, W) -> (B, T - frame_stride, K*K, H, W). The frames are
+    read in place (no copy of the clip).
+    """
+    fn = "temporal_correlation"
+    check_tensor(fn, "v", v, (5,))
+    check_window(fn, kernel_size, dilation, normalize, eps)
+    check_frame_stride(fn, frame_stride, v.shape[1])
+    (v,) = _autocast_float32(v)
+    impl = _backends.resolve(fn, backend, v.device)
+    return impl.local(v[:, :-frame_stride], v[:, frame_stride:], kernel_size, dilation,
+                      normalize, float(eps))
+
+
+class SpatioTemporal(NamedTuple):
+    spatial: torch.Tensor   # (B, T, K*K, H, W)
+    temporal: torch.Tensor  # (B, T - frame_stride, Kt*Kt, H, W)
+
+
+def spatiotemporal_correlation(v, kernel_size=3, dilation=1, temporal_kernel_size=1,
+                               temporal_dilation=1, frame_stride=1, normalize=True, eps=1e-8,
+                               backend=None):
+    """Both STCCL volumes of a clip v (B, T, C, H, W): the spatial
+    self-correlation of every frame and the temporal correlation of frame t
+    with frame t + frame_stride. Returns ``SpatioTemporal(spatial, temporal)``.
+    """
+    fn = "spatiotemporal_correlation"
+    check_tensor(fn, "v", v, (5,))
+    check_window(fn, kernel_size, dilation, normalize, eps)
+    check_window(fn, temporal_kernel_size, temporal_dilation, normalize, eps, prefix="temporal_")
+    check_frame_stride(fn, frame_stride, v.shape[1])
+    (v,) = _autocast_float32(v)
+    impl = _backends.resolve(fn, backend, v.device)
+    spatial = impl.self_correlation(v, kernel_size, dilation, normalize, float(eps))
+    temporal = impl.local(v[:, :-frame_stride], v[:, frame_stride:], temporal_kernel_size,
+                          temporal_dilation, normalize, float(eps))
+    return SpatioTemporal(spatial, temporal)
