@@ -30,8 +30,12 @@ namespace stccl::cpu {
 
 constexpr int64_t BAND_ROWS = 4;
 // Bytes of staged rows one chunk of channels may take: small enough to stay
-// in L2 while the window slides over them.
-constexpr int64_t STAGE_BYTES = 192 * 1024;
+// in L1 while the window slides over them (the inner loop walks channels, so
+// every iteration touches new lines of the staged rows).
+constexpr int64_t STAGE_BYTES = 32 * 1024;
+// Channels ahead whose rows the staging loop prefetches: a channel's rows of
+// a band are a short burst, too short for the hardware prefetcher to ramp up.
+constexpr int64_t PREFETCH_CHANNELS = 8;
 // Offsets of one window row handled per register block.
 constexpr int64_t MAX_BLOCK = 9;
 
@@ -90,7 +94,7 @@ struct Layout {
     Wv = (W + V - 1) / V * V;
     WB = Wv + 2 * pad;
     rows_b = BAND_ROWS + 2 * pad;
-    const int64_t per_channel = rows_b * WB * int64_t(sizeof(acc_t));
+    const int64_t per_channel = (rows_b * WB + BAND_ROWS * Wv) * int64_t(sizeof(acc_t));
     chunk = std::max<int64_t>(1, std::min<int64_t>(C, STAGE_BYTES / per_channel));
   }
   int64_t tasks() const { return N * bands; }
@@ -113,34 +117,55 @@ struct Workspace {
 };
 
 // Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
-// image n to dst[cc][row][lead + x] in acc_t, zero outside the image and in
-// the margins, and adds the squares to sum_sq[row][lead + x] when given.
+// image n to dst[cc][row][lead + x] in acc_t (rows of a channel are `rows_cap`
+// apart), zero for rows outside the image, and adds the squares to
+// sum_sq[row][lead + x] when given. The margins of dst (before lead, after
+// lead + W) are never written: the workspace keeps them zero.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<acc_t>& L,
                                     int64_t n, int64_t c0, int64_t count, int64_t y_first,
-                                    int64_t rows, int64_t lead, int64_t width, acc_t* dst,
-                                    acc_t* sum_sq) {
+                                    int64_t rows, int64_t rows_cap, int64_t lead, int64_t width,
+                                    acc_t* dst, acc_t* sum_sq) {
   const int64_t W = L.W, sx = src.strides.x;
+  const scalar_t* image = src.row(n, 0, 0);
+  const int64_t y_lo = std::max<int64_t>(y_first, 0), y_hi = std::min(y_first + rows, L.H);
   for (int64_t cc = 0; cc < count; ++cc) {
+    const scalar_t* channel = image + (c0 + cc) * src.strides.c;
+    if (sx == 1 && c0 + cc + PREFETCH_CHANNELS < L.C) {
+      const scalar_t* ahead = channel + PREFETCH_CHANNELS * src.strides.c;
+      for (int64_t y = y_lo; y < y_hi; ++y) {
+        const char* line = reinterpret_cast<const char*>(ahead + y * src.strides.y);
+        for (int64_t byte = 0; byte < W * int64_t(sizeof(scalar_t)); byte += 64)
+          __builtin_prefetch(line + byte);
+      }
+    }
     for (int64_t row = 0; row < rows; ++row) {
-      acc_t* d = dst + (cc * rows + row) * width;
+      acc_t* d = dst + (cc * rows_cap + row) * width + lead;
       const int64_t y = y_first + row;
       if (y < 0 || y >= L.H) {
-        std::memset(d, 0, width * sizeof(acc_t));
+        for (int64_t x = 0; x < W; ++x) d[x] = acc_t(0);
         continue;
       }
-      std::memset(d, 0, lead * sizeof(acc_t));
-      std::memset(d + lead + W, 0, (width - lead - W) * sizeof(acc_t));
-      const scalar_t* s = src.row(n, c0 + cc, y);
-      acc_t* dx = d + lead;
-      if (sx == 1) {
-        for (int64_t x = 0; x < W; ++x) dx[x] = static_cast<acc_t>(s[x]);
-      } else {
-        for (int64_t x = 0; x < W; ++x) dx[x] = static_cast<acc_t>(s[x * sx]);
-      }
+      const scalar_t* s = channel + y * src.strides.y;
       if (sum_sq != nullptr) {
         acc_t* q = sum_sq + row * width + lead;
-        for (int64_t x = 0; x < W; ++x) q[x] += dx[x] * dx[x];
+        if (sx == 1) {
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t v = static_cast<acc_t>(s[x]);
+            d[x] = v;
+            q[x] += v * v;
+          }
+        } else {
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t v = static_cast<acc_t>(s[x * sx]);
+            d[x] = v;
+            q[x] += v * v;
+          }
+        }
+      } else if (sx == 1) {
+        for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x]);
+      } else {
+        for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x * sx]);
       }
     }
   }
@@ -148,19 +173,20 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
 
 // acc[j] += sum over count channels of a * b[j * dil], for J offsets of one
 // window row; the J accumulators stay in registers across the channel loop.
-template <int J, typename acc_t>
+// DIL > 0 makes the dilation a compile-time constant (no offset registers).
+template <int J, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
-                                         int64_t b_cstride, int64_t dil, int64_t count,
+                                         int64_t b_cstride, int64_t dil_rt, int64_t count,
                                          acc_t* acc, int64_t acc_stride) {
   using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
   vec sum[J];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
-  for (int64_t cc = 0; cc < count; ++cc) {
-    const vec av = load(a + cc * a_cstride);
-    const acc_t* bc = b + cc * b_cstride;
+  for (int64_t cc = 0; cc < count; ++cc, a += a_cstride, b += b_cstride) {
+    const vec av = load(a);
 #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) sum[j] += av * load(bc + j * dil);
+    for (int j = 0; j < J; ++j) sum[j] += av * load(b + j * dil);
   }
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
@@ -168,41 +194,58 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
 
 // dst[cc] += sum over J offsets of w[j] * x[cc][j * dil], for count channels;
 // the J weights stay in registers across the channel loop.
-template <int J, typename acc_t>
+template <int J, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const acc_t* x,
-                                      int64_t x_cstride, int64_t dil, int64_t count, acc_t* dst,
-                                      int64_t dst_cstride) {
+                                      int64_t x_cstride, int64_t dil_rt, int64_t count,
+                                      acc_t* dst, int64_t dst_cstride) {
   using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
   vec wv[J];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) wv[j] = load(w + j * w_stride);
-  for (int64_t cc = 0; cc < count; ++cc) {
-    const acc_t* xc = x + cc * x_cstride;
-    vec s = load(dst + cc * dst_cstride);
+  for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
+    vec s = load(dst);
 #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) s += wv[j] * load(xc + j * dil);
-    store(dst + cc * dst_cstride, s);
+    for (int j = 0; j < J; ++j) s += wv[j] * load(x + j * dil);
+    store(dst, s);
   }
 }
 
-// Runs Block<J> over `offsets` offsets of a window row in register blocks of
-// at most MAX_BLOCK; `shift(j0)` advances the arguments to offset j0.
-#define STCCL_BLOCKED(BLOCK, offsets, ...)                                   \
-  do {                                                                       \
-    int64_t j0 = 0;                                                          \
-    for (; (offsets) - j0 > MAX_BLOCK; j0 += MAX_BLOCK) BLOCK<MAX_BLOCK>(__VA_ARGS__); \
-    switch ((offsets) - j0) {                                                \
-      case 1: BLOCK<1>(__VA_ARGS__); break;                                  \
-      case 2: BLOCK<2>(__VA_ARGS__); break;                                  \
-      case 3: BLOCK<3>(__VA_ARGS__); break;                                  \
-      case 4: BLOCK<4>(__VA_ARGS__); break;                                  \
-      case 5: BLOCK<5>(__VA_ARGS__); break;                                  \
-      case 6: BLOCK<6>(__VA_ARGS__); break;                                  \
-      case 7: BLOCK<7>(__VA_ARGS__); break;                                  \
-      case 8: BLOCK<8>(__VA_ARGS__); break;                                  \
-      case 9: BLOCK<9>(__VA_ARGS__); break;                                  \
-      default: break;                                                        \
-    }                                                                        \
+// Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register
+// blocks of at most MAX_BLOCK; the arguments may use j0, the first offset.
+#define STCCL_BLOCKED(BLOCK, DIL, offsets, ...)                               \
+  do {                                                                        \
+    int64_t j0 = 0;                                                           \
+    for (; (offsets) - j0 > MAX_BLOCK; j0 += MAX_BLOCK)                       \
+      BLOCK<MAX_BLOCK, DIL>(__VA_ARGS__);                                     \
+    switch ((offsets) - j0) {                                                 \
+      case 1: BLOCK<1, DIL>(__VA_ARGS__); break;                              \
+      case 2: BLOCK<2, DIL>(__VA_ARGS__); break;                              \
+      case 3: BLOCK<3, DIL>(__VA_ARGS__); break;                              \
+      case 4: BLOCK<4, DIL>(__VA_ARGS__); break;                              \
+      case 5: BLOCK<5, DIL>(__VA_ARGS__); break;                              \
+      case 6: BLOCK<6, DIL>(__VA_ARGS__); break;                              \
+      case 7: BLOCK<7, DIL>(__VA_ARGS__); break;                              \
+      case 8: BLOCK<8, DIL>(__VA_ARGS__); break;                              \
+      case 9: BLOCK<9, DIL>(__VA_ARGS__); break;                              \
+      default: break;                                                         \
+    }                                                                         \
+  } while (0)
+
+// Runs the statement with DIL bound to the dilation when it is 1 or 2 (the
+// common cases get constant offsets), else to 0 (read at run time).
+#define STCCL_WITH_DILATION(d, ...)                 \
+  do {                                              \
+    if ((d) == 1) {                                 \
+      constexpr int DIL = 1;                        \
+      __VA_ARGS__;                                  \
+    } else if ((d) == 2) {                          \
+      constexpr int DIL = 2;                        \
+      __VA_ARGS__;                                  \
+    } else {                                        \
+      constexpr int DIL = 0;                        \
+      __VA_ARGS__;                                  \
+    }                                               \
   } while (0)
 
 template <typename scalar_t, typename acc_t>
@@ -235,33 +278,35 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     acc_t* b_stage = ws.b_stage.data();
-    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, pad, WB, b_stage,
+    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.rows_b, pad, WB, b_stage,
                args.normalize ? sum_b : nullptr);
     const acc_t* a_rows;
     int64_t a_cstride, a_rstride;
     if (args.self) {
       a_rows = b_stage + pad * WB + pad;
-      a_cstride = rows_b * WB;
+      a_cstride = L.rows_b * WB;
       a_rstride = WB;
     } else {
-      stage_rows(args.a, L, n, c0, count, y0, rows, 0, Wv, ws.a_stage.data(),
+      stage_rows(args.a, L, n, c0, count, y0, rows, BAND_ROWS, 0, Wv, ws.a_stage.data(),
                  args.normalize ? sum_a : nullptr);
       a_rows = ws.a_stage.data();
-      a_cstride = rows * Wv;
+      a_cstride = BAND_ROWS * Wv;
       a_rstride = Wv;
     }
-    for (int64_t rr = 0; rr < rows; ++rr) {
-      for (int64_t i = 0; i < window_rows; ++i) {
-        const int64_t offsets = (args.self && i == r) ? r + 1 : K;
-        for (int64_t xb = 0; xb < Wv; xb += V) {
-          const acc_t* a_vec = a_rows + rr * a_rstride + xb;
-          const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
-          acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
-          STCCL_BLOCKED(correlate_block, offsets, a_vec, a_cstride, b_vec + j0 * d,
-                        rows_b * WB, d, count, acc_vec + j0 * Wv, Wv);
+    STCCL_WITH_DILATION(d, {
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t i = 0; i < window_rows; ++i) {
+          const int64_t offsets = (args.self && i == r) ? r + 1 : K;
+          for (int64_t xb = 0; xb < Wv; xb += V) {
+            const acc_t* a_vec = a_rows + rr * a_rstride + xb;
+            const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+            acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
+            STCCL_BLOCKED(correlate_block, DIL, offsets, a_vec, a_cstride, b_vec + j0 * d,
+                          L.rows_b * WB, d, count, acc_vec + j0 * Wv, Wv);
+          }
         }
       }
-    }
+    });
   }
 
   // Epilogue: scale by the inverse norms (1 in raw mode), 0 outside the image.
@@ -392,19 +437,21 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   const int64_t ox = args.own.strides.x;
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    stage_rows(args.other, L, n, c0, count, y0 - pad, rows_b, pad, WB, x_stage,
+    stage_rows(args.other, L, n, c0, count, y0 - pad, rows_b, L.rows_b, pad, WB, x_stage,
                static_cast<acc_t*>(nullptr));
     std::fill_n(dst, count * rows * Wv, acc_t(0));
-    for (int64_t rr = 0; rr < rows; ++rr) {
-      for (int64_t i = 0; i < K; ++i) {
-        for (int64_t xb = 0; xb < Wv; xb += V) {
-          const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
-          const acc_t* x_vec = x_stage + (rr + i * d) * WB + xb;
-          STCCL_BLOCKED(gather_block, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d, rows_b * WB, d,
-                        count, dst + rr * Wv + xb, rows * Wv);
+    STCCL_WITH_DILATION(d, {
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t i = 0; i < K; ++i) {
+          for (int64_t xb = 0; xb < Wv; xb += V) {
+            const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
+            const acc_t* x_vec = x_stage + (rr + i * d) * WB + xb;
+            STCCL_BLOCKED(gather_block, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
+                          L.rows_b * WB, d, count, dst + rr * Wv + xb, rows * Wv);
+          }
         }
       }
-    }
+    });
     for (int64_t cc = 0; cc < count; ++cc) {
       for (int64_t rr = 0; rr < rows; ++rr) {
         const acc_t* s = dst + (cc * rows + rr) * Wv;

@@ -83,25 +83,35 @@ void run_bands(const Layout<acc_t>& L, const Args& args, Fn band) {
 }
 
 // inv[n, y, x] = 1 / max(||v[n, :, y, x]||, eps) and pass = (||v|| >= eps).
+// A task sums NORM_ROWS rows of one image, so each channel is read as one
+// contiguous run of NORM_ROWS * W elements when rows are contiguous.
+constexpr int64_t NORM_ROWS = 16;
+
 template <typename scalar_t, typename acc_t>
 void inverse_norms(const Operand<scalar_t>& v, const Layout<acc_t>& L, acc_t eps, acc_t* inv,
                    acc_t* pass) {
-  at::parallel_for(0, L.N * L.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(L.W);
+  const int64_t blocks = (L.H + NORM_ROWS - 1) / NORM_ROWS;
+  at::parallel_for(0, L.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(NORM_ROWS * L.W);
     const int64_t sx = v.strides.x;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / L.H, y = row % L.H;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, y0 = (task % blocks) * NORM_ROWS;
+      const int64_t rows = std::min(NORM_ROWS, L.H - y0);
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t c = 0; c < L.C; ++c) {
-        const scalar_t* p = v.row(n, c, y);
-        for (int64_t x = 0; x < L.W; ++x) {
-          const acc_t e = static_cast<acc_t>(p[x * sx]);
-          sum[x] += e * e;
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          const scalar_t* p = v.row(n, c, y0 + rr);
+          acc_t* s = sum.data() + rr * L.W;
+          for (int64_t x = 0; x < L.W; ++x) {
+            const acc_t e = static_cast<acc_t>(p[x * sx]);
+            s[x] += e * e;
+          }
         }
       }
-      for (int64_t x = 0; x < L.W; ++x) {
-        inv[row * L.W + x] = inverse_norm(sum[x], eps);
-        pass[row * L.W + x] = norm_passes_clamp(sum[x], eps) ? acc_t(1) : acc_t(0);
+      const int64_t first = (n * L.H + y0) * L.W;
+      for (int64_t i = 0; i < rows * L.W; ++i) {
+        inv[first + i] = inverse_norm(sum[i], eps);
+        pass[first + i] = norm_passes_clamp(sum[i], eps) ? acc_t(1) : acc_t(0);
       }
     }
   });
