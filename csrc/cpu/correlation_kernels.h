@@ -116,6 +116,22 @@ struct Workspace {
         shift(BAND_ROWS * L.Wv) {}
 };
 
+// Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
+// (`channel` points at channel c of the image) when rows are contiguous.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layout<acc_t>& L,
+                                        int64_t c, const scalar_t* channel, int64_t y_first,
+                                        int64_t rows) {
+  if (src.strides.x != 1 || c + PREFETCH_CHANNELS >= L.C) return;
+  const scalar_t* ahead = channel + PREFETCH_CHANNELS * src.strides.c;
+  const int64_t y_lo = std::max<int64_t>(y_first, 0), y_hi = std::min(y_first + rows, L.H);
+  for (int64_t y = y_lo; y < y_hi; ++y) {
+    const char* line = reinterpret_cast<const char*>(ahead + y * src.strides.y);
+    for (int64_t byte = 0; byte < L.W * int64_t(sizeof(scalar_t)); byte += 64)
+      __builtin_prefetch(line + byte);
+  }
+}
+
 // Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
 // image n to dst[cc][row][lead + x] in acc_t (rows of a channel are `rows_cap`
 // apart), zero for rows outside the image, and adds the squares to
@@ -128,17 +144,9 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
                                     acc_t* dst, acc_t* sum_sq) {
   const int64_t W = L.W, sx = src.strides.x;
   const scalar_t* image = src.row(n, 0, 0);
-  const int64_t y_lo = std::max<int64_t>(y_first, 0), y_hi = std::min(y_first + rows, L.H);
   for (int64_t cc = 0; cc < count; ++cc) {
     const scalar_t* channel = image + (c0 + cc) * src.strides.c;
-    if (sx == 1 && c0 + cc + PREFETCH_CHANNELS < L.C) {
-      const scalar_t* ahead = channel + PREFETCH_CHANNELS * src.strides.c;
-      for (int64_t y = y_lo; y < y_hi; ++y) {
-        const char* line = reinterpret_cast<const char*>(ahead + y * src.strides.y);
-        for (int64_t byte = 0; byte < W * int64_t(sizeof(scalar_t)); byte += 64)
-          __builtin_prefetch(line + byte);
-      }
-    }
+    prefetch_ahead(src, L, c0 + cc, channel, y_first, rows);
     for (int64_t row = 0; row < rows; ++row) {
       acc_t* d = dst + (cc * rows_cap + row) * width + lead;
       const int64_t y = y_first + row;
@@ -452,7 +460,9 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
         }
       }
     });
+    const scalar_t* own_image = args.own.row(n, 0, 0);
     for (int64_t cc = 0; cc < count; ++cc) {
+      prefetch_ahead(args.own, L, c0 + cc, own_image + (c0 + cc) * args.own.strides.c, y0, rows);
       for (int64_t rr = 0; rr < rows; ++rr) {
         const acc_t* s = dst + (cc * rows + rr) * Wv;
         const acc_t* scale = ws.scale.data() + rr * Wv;

@@ -98,13 +98,20 @@ void inverse_norms(const Operand<scalar_t>& v, const Layout<acc_t>& L, acc_t eps
       const int64_t n = task / blocks, y0 = (task % blocks) * NORM_ROWS;
       const int64_t rows = std::min(NORM_ROWS, L.H - y0);
       std::fill(sum.begin(), sum.end(), acc_t(0));
+      const scalar_t* image = v.row(n, 0, 0);
       for (int64_t c = 0; c < L.C; ++c) {
+        const scalar_t* channel = image + c * v.strides.c;
+        prefetch_ahead(v, L, c, channel, y0, rows);
         for (int64_t rr = 0; rr < rows; ++rr) {
-          const scalar_t* p = v.row(n, c, y0 + rr);
+          const scalar_t* p = channel + (y0 + rr) * v.strides.y;
           acc_t* s = sum.data() + rr * L.W;
-          for (int64_t x = 0; x < L.W; ++x) {
-            const acc_t e = static_cast<acc_t>(p[x * sx]);
-            s[x] += e * e;
+          if (sx == 1) {
+            for (int64_t x = 0; x < L.W; ++x) s[x] += static_cast<acc_t>(p[x]) * static_cast<acc_t>(p[x]);
+          } else {
+            for (int64_t x = 0; x < L.W; ++x) {
+              const acc_t e = static_cast<acc_t>(p[x * sx]);
+              s[x] += e * e;
+            }
           }
         }
       }
