@@ -8,19 +8,22 @@
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(stccl_ops, m) {
+  // Every kernel reads operands of any strides, so the compiler may hand them
+  // any layout (flexible_layout) instead of pinning eager's stride order.
+  const std::vector<at::Tag> any_layout = {at::Tag::flexible_layout};
   // out[n, k, y, x] = <â[n, :, y, x], b̂[n, :, y + dy_k, x + dx_k]>; a and b are
   // (N, C, H, W) or (B, T, C, H, W) with any strides; out is (..., K*K, H, W).
   m.def("local_correlation(Tensor a, Tensor b, int kernel_size, int dilation, bool normalize, "
-        "float eps) -> Tensor");
+        "float eps) -> Tensor", any_layout);
   // Gradients for a and b (undefined where not asked for), gathered per pixel.
   m.def("_local_correlation_backward(Tensor grad_out, Tensor a, Tensor b, Tensor out, "
         "int kernel_size, int dilation, bool normalize, float eps, bool need_grad_a, "
-        "bool need_grad_b) -> (Tensor, Tensor)");
+        "bool need_grad_b) -> (Tensor, Tensor)", any_layout);
   // local_correlation(x, x), computed on half the offsets by symmetry.
   m.def("self_correlation(Tensor x, int kernel_size, int dilation, bool normalize, float eps) "
-        "-> Tensor");
+        "-> Tensor", any_layout);
   m.def("_self_correlation_backward(Tensor grad_out, Tensor x, Tensor out, int kernel_size, "
-        "int dilation, bool normalize, float eps) -> Tensor");
+        "int dilation, bool normalize, float eps) -> Tensor", any_layout);
 }
 
 namespace {

@@ -57,7 +57,7 @@ def check_window(fn, kernel_size, dilation, normalize, eps, prefix=""):
                         f"{type(normalize).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"stccl_ops.{fn}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not (0 < eps < math.inf):  # also false for NaN; works on a traced SymFloat
         raise ValueError(f"stccl_ops.{fn}: eps must be a finite number > 0, got {eps}")
 
 

@@ -1,0 +1,88 @@
+"""CPU-specific checks: both SIMD builds, 64-bit offsets, threads, the build report."""
+
+import pytest
+import torch
+
+import stccl_ops
+from stccl_ops import _ops, reference
+
+from helpers import assert_close, grads, leaf, needs_extension
+
+pytestmark = needs_extension
+
+
+@pytest.fixture
+def generic_path():
+    _ops._C._set_cpu_isa("generic")
+    yield
+    _ops._C._set_cpu_isa("auto")
+
+
+def test_build_info_reports_the_build():
+    info = stccl_ops.build_info()
+    assert info["extension"] is True
+    assert info["torch_version"] == torch.__version__
+    assert "generic" in info["cpu_simd_paths"]
+    assert info["cpu_simd_path"] in info["cpu_simd_paths"]
+    assert isinstance(info["openmp"], bool) and isinstance(info["cuda"], bool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("K,dilation", [(3, 1), (5, 2), (11, 1)])
+def test_portable_path_matches_reference(generic_path, dtype, K, dilation):
+    assert stccl_ops.build_info()["cpu_simd_path"] == "generic"
+    a = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
+    b = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
+    g = torch.randn(2, K * K, 7, 10, dtype=torch.float64).to(dtype)
+    out, got = grads(lambda x, y: stccl_ops.local_correlation(x, y, K, dilation, backend="cpp"),
+                     (a, b), g)
+    ref, want = grads(lambda x, y: reference.local_correlation(x, y, K, dilation), (a, b), g)
+    assert_close(out, ref)
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, "grad")
+    self_out, (gx,) = grads(lambda x: stccl_ops.spatial_correlation(x, K, dilation, backend="cpp"),
+                            (a,), g)
+    self_ref, (rx,) = grads(lambda x: reference.spatial_correlation(x, K, dilation), (a,), g)
+    assert_close(self_out, self_ref)
+    assert_close(gx, rx, "grad")
+
+
+def test_unknown_cpu_path_is_an_error():
+    with pytest.raises(RuntimeError, match="unknown CPU path"):
+        _ops._C._set_cpu_isa("sse9")
+
+
+def test_offsets_beyond_32_bits():
+    """Elements more than 2^31 apart: a (2, C, H, W) float16 view whose second
+    image starts 2^31 + 64 elements into its storage (4 GiB, mostly untouched)."""
+    storage = torch.empty(2**31 + 64 + 4 * 5 * 6, dtype=torch.float16)
+    step = 2**31 + 64
+    a = storage.as_strided((2, 4, 5, 6), (step, 30, 6, 1))
+    values = torch.randn(2, 4, 5, 6, dtype=torch.float16)
+    a.copy_(values)
+    b = torch.randn(2, 4, 5, 6, dtype=torch.float16)
+    assert_close(stccl_ops.local_correlation(a, b, 3, backend="cpp"),
+                 reference.local_correlation(values, b, 3))
+    assert_close(stccl_ops.spatial_correlation(a, 3, backend="cpp"),
+                 reference.spatial_correlation(values, 3))
+    grad_a, = torch.ops.stccl_ops._local_correlation_backward(
+        torch.ones(2, 9, 5, 6, dtype=torch.float16), a, b,
+        torch.ops.stccl_ops.local_correlation(a, b, 3, 1, True, 1e-8), 3, 1, True, 1e-8, True,
+        False)[:1]
+    ref_a = leaf(values)
+    reference.local_correlation(ref_a, b, 3).sum().backward()
+    assert_close(grad_a, ref_a.grad, "grad")
+    del storage
+
+
+def test_many_channels_and_wide_rows():
+    """Several channel chunks and several vectors per row, odd remainders."""
+    a = leaf(torch.randn(1, 300, 5, 70, dtype=torch.float64))
+    b = leaf(torch.randn(1, 300, 5, 70, dtype=torch.float64))
+    g = torch.randn(1, 9, 5, 70, dtype=torch.float64)
+    out, got = grads(lambda x, y: stccl_ops.local_correlation(x, y, 3, 3, backend="cpp"), (a, b),
+                     g)
+    ref, want = grads(lambda x, y: reference.local_correlation(x, y, 3, 3), (a, b), g)
+    assert_close(out, ref)
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, "grad")
