@@ -1,0 +1,291 @@
+"""One comparison table: every available backend on the standard shapes,
+forward and forward+backward, against this machine's measured floor.
+
+    python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--cases S1,S3]
+                                 [--out benchmarks/results]
+
+For each case and backend: median time, speedup over the reference, achieved
+GB/s and GFLOP/s, the time as a multiple of the floor
+max(floor bytes / copy bandwidth, floor flops / matmul rate) measured in the
+same run, and the peak extra memory. Writes JSON (with the provenance of the
+numbers) and a PNG chart.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stccl_ops  # noqa: E402
+from cases import STANDARD_CASES, make_step  # noqa: E402
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, min_reps=5, min_seconds=0.4, max_reps=200):
+    """Median wall time of fn() in ms after two warm-up calls; the device is
+    synchronised inside the timed region."""
+    fn()
+    fn()
+    synchronize(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps
+                                     or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def machine_rates(device):
+    """(copy bandwidth GB/s counting read + write, matmul GFLOP/s), measured now."""
+    n = 64 * 2**20  # 256 MiB of float32 per buffer: far beyond the caches
+    src = torch.randn(n, device=device)
+    dst = torch.randn(n, device=device)
+    copy_ms = median_ms(lambda: dst.copy_(src), device)
+    m = 4096 if device == "cuda" else 2048
+    mat = torch.randn(m, m, device=device)
+    mm_ms = median_ms(lambda: mat @ mat, device)
+    del src, dst
+    return 2 * n * 4 / copy_ms / 1e6, 2 * m**3 / mm_ms / 1e6
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# glibc settings under which RSS follows live CPU memory: every block over
+# 64 KiB is mmapped and unmapped at free, in one arena. (By default glibc keeps
+# freed memory resident and reuses it, which hides an op's allocations.) The
+# peak memory is measured in a child process started with them, since they
+# must hold from the first allocation and they change timings.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+              "MALLOC_ARENA_MAX": "1", "MALLOC_TOP_PAD_": "0"}
+
+
+def measure_memory_in_child(device, threads, case_names, backends):
+    if device != "cpu":
+        return None
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--threads",
+           str(threads), "--cases", ",".join(case_names), "--backends", ",".join(backends),
+           "--memory-only"]
+    env = {**os.environ, **MEMORY_ENV}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print("memory measurement failed:\n" + out.stderr[-2000:], file=sys.stderr)
+        return None
+    return {tuple(k.split("|")): v for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory above the baseline while fn() runs (its results included).
+    CUDA: the caching allocator's peak. CPU: the process's peak RSS, reset
+    through /proc/self/clear_refs (in a child process: see MEMORY_ENV)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del result
+        return peak
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _rss_bytes("VmRSS:")
+    result = fn()
+    # The kernel refreshes VmHWM only when RSS shrinks: take the live RSS too.
+    peak = max(_rss_bytes("VmHWM:"), _rss_bytes("VmRSS:")) - base
+    del result
+    return peak
+
+
+def provenance(device, threads):
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "device": device,
+        "build": stccl_ops.build_info(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    info["cpu"] = cpu
+    info["cores"] = os.cpu_count()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def selected_runs(case_names, backends):
+    return [(case, backward, backend) for case in STANDARD_CASES
+            if not case_names or case.name in case_names
+            for backward in (False, True) for backend in backends]
+
+
+def memory_only(device, threads, case_names, backends):
+    """Prints {"case|pass|backend": peak bytes} as one JSON line."""
+    torch.set_num_threads(threads)
+    peaks = {}
+    for case, backward, backend in selected_runs(case_names, backends):
+        step = make_step(case, backend, device, backward)
+        step()
+        peaks[f"{case.name}|{int(backward)}|{backend}"] = peak_extra_bytes(step, device)
+    print(json.dumps(peaks))
+
+
+def run(device, threads, case_names, backends):
+    torch.set_num_threads(threads)
+    bandwidth, flop_rate = machine_rates(device)
+    rows = []
+    runs = selected_runs(case_names, backends)
+    times = {}
+    for case, backward, backend in runs:
+        times[case, backward, backend] = median_ms(make_step(case, backend, device, backward),
+                                                   device)
+    child_peaks = measure_memory_in_child(device, threads, case_names, backends)
+    for case, backward, backend in runs:
+        ms = times[case, backward, backend]
+        reference_ms = times.get((case, backward, "reference"))
+        if child_peaks is not None:
+            peak = child_peaks.get((case.name, str(int(backward)), backend))
+        else:
+            peak = peak_extra_bytes(make_step(case, backend, device, backward), device)
+        bytes_, flops = case.floor_bytes(backward), case.floor_flops(backward)
+        floor_ms = max(bytes_ / bandwidth / 1e6, flops / flop_rate / 1e6)
+        rows.append({
+            "case": case.name, "op": case.op, "pass": "fwd+bwd" if backward else "fwd",
+            "backend": backend, "ms": ms,
+            "speedup": reference_ms / ms if reference_ms else None,
+            "GB/s": bytes_ / ms / 1e6, "GFLOP/s": flops / ms / 1e6,
+            "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+            "peak_extra_MiB": None if peak is None else peak / 2**20,
+            "output_MiB": case.output_elements() * 4 / 2**20,
+        })
+        print(format_row(rows[-1]), flush=True)
+    return {"provenance": provenance(device, threads), "bandwidth_GBps": bandwidth,
+            "matmul_GFLOPps": flop_rate, "rows": rows}
+
+
+HEADER = (f"{'case':8} {'pass':8} {'backend':10} {'ms':>9} {'vs ref':>7} {'GB/s':>7} "
+          f"{'GFLOP/s':>8} {'x floor':>8} {'peak MiB':>9} {'out MiB':>8}")
+
+
+def format_row(r):
+    speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
+    peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
+    return (f"{r['case']:8} {r['pass']:8} {r['backend']:10} {r['ms']:9.3f} {speed:>7} "
+            f"{r['GB/s']:7.1f} {r['GFLOP/s']:8.1f} {r['x_floor']:8.2f} {peak:>9} "
+            f"{r['output_MiB']:8.1f}")
+
+
+def markdown_table(result):
+    lines = ["| case | pass | backend | ms | vs reference | GB/s | GFLOP/s | x floor | "
+             "peak extra MiB | output MiB |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
+        peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
+        lines.append(f"| {r['case']} | {r['pass']} | {r['backend']} | {r['ms']:.3f} | {speed} | "
+                     f"{r['GB/s']:.1f} | {r['GFLOP/s']:.1f} | {r['x_floor']:.2f} | {peak} | "
+                     f"{r['output_MiB']:.1f} |")
+    return "\n".join(lines)
+
+
+def chart(result, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    rows = result["rows"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    groups = list(dict.fromkeys((r["case"], r["pass"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.9), 4.5))
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        values = [next((r["x_floor"] for r in rows if (r["case"], r["pass"]) == g
+                        and r["backend"] == backend), 0) for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=backend)
+    ax.set_yscale("log")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n{p}" for c, p in groups], fontsize=8)
+    ax.set_ylabel("time / floor (lower is better)")
+    p = result["provenance"]
+    ax.set_title(f"stccl_ops on {p.get('gpu') or p['cpu']} ({p['threads']} threads), "
+                 f"torch {p['torch']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
+    parser.add_argument("--backends", default="", help="comma-separated (default: available)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    case_names = set(filter(None, args.cases.split(",")))
+    backends = ([b for b in args.backends.split(",") if b] or
+                stccl_ops.available_backends(args.device))
+    if "reference" in backends:  # first, so that speedups can be computed
+        backends = ["reference"] + [b for b in backends if b != "reference"]
+    if args.memory_only:
+        return memory_only(args.device, args.threads, case_names, backends)
+    print(HEADER)
+    result = run(args.device, args.threads, case_names, backends)
+    print(f"\nfloor rates measured in this run: copy {result['bandwidth_GBps']:.1f} GB/s, "
+          f"matmul {result['matmul_GFLOPps']:.1f} GFLOP/s")
+    print(json.dumps(result["provenance"]))
+    print()
+    print(markdown_table(result))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"compare-{args.device}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    chart(result, stem + ".png")
+    print(f"\nwrote {stem}.json and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()
