@@ -3,7 +3,7 @@
 // (an AVX2+FMA build and a portable one, picked at run time; see
 // local_correlation.cpp).
 //
-// Work is split into tasks of BAND_ROWS output rows of one image. A task walks
+// Work is split into tasks of `band_rows` output rows of one image. A task walks
 // the channels in chunks; for each chunk it stages the rows it needs into
 // small buffers (converted to the accumulation type, gathered from any
 // strides, zero-padded by the halo of the window, so the inner loops have no
@@ -28,7 +28,9 @@
 
 namespace stccl::cpu {
 
-constexpr int64_t BAND_ROWS = 4;
+// A band holds enough rows that a channel's rows of it are one contiguous run
+// of about 1 KiB (ceil(256 / W) rows of floats), at least 4 and at most 16.
+constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 256;
 // Bytes of staged rows one chunk of channels may take: small enough to stay
 // in L1 while the window slides over them (the inner loop walks channels, so
 // every iteration touches new lines of the staged rows).
@@ -80,7 +82,8 @@ struct Operand {
 template <typename acc_t>
 struct Layout {
   int64_t N, C, H, W, K, KK, dilation, pad;
-  int64_t bands;    // bands of BAND_ROWS rows per image
+  int64_t band_rows;  // output rows per task
+  int64_t bands;    // bands per image
   int64_t Wv;       // W rounded up to whole vectors
   int64_t WB;       // staged row width with the halo on both sides
   int64_t rows_b;   // staged rows of a band with the halo
@@ -90,11 +93,14 @@ struct Layout {
       : N(N_), C(C_), H(H_), W(W_), K(K_), KK(K_ * K_), dilation(dil) {
     constexpr int64_t V = Simd<acc_t>::lanes;
     pad = (K / 2) * dilation;
-    bands = (H + BAND_ROWS - 1) / BAND_ROWS;
+    band_rows = std::max<int64_t>(
+        1, std::min(H, std::clamp((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1),
+                                  MIN_BAND_ROWS, MAX_BAND_ROWS)));
+    bands = (H + band_rows - 1) / band_rows;
     Wv = (W + V - 1) / V * V;
     WB = Wv + 2 * pad;
-    rows_b = BAND_ROWS + 2 * pad;
-    const int64_t per_channel = (rows_b * WB + BAND_ROWS * Wv) * int64_t(sizeof(acc_t));
+    rows_b = band_rows + 2 * pad;
+    const int64_t per_channel = (rows_b * WB + band_rows * Wv) * int64_t(sizeof(acc_t));
     chunk = std::max<int64_t>(1, std::min<int64_t>(C, STAGE_BYTES / per_channel));
   }
   int64_t tasks() const { return N * bands; }
@@ -105,15 +111,15 @@ template <typename acc_t>
 struct Workspace {
   std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b, scale, shift;
   explicit Workspace(const Layout<acc_t>& L)
-      : a_stage(L.chunk * BAND_ROWS * L.Wv),
+      : a_stage(L.chunk * L.band_rows * L.Wv),
         b_stage(L.chunk * L.rows_b * L.WB),
-        acc(std::max(BAND_ROWS * L.KK * L.Wv, L.chunk * BAND_ROWS * L.Wv)),
-        sum_a(BAND_ROWS * L.Wv),
+        acc(std::max(L.band_rows * L.KK * L.Wv, L.chunk * L.band_rows * L.Wv)),
+        sum_a(L.band_rows * L.Wv),
         sum_b(L.rows_b * L.WB),
         inv_a(L.Wv),
         inv_b(L.rows_b * L.WB),
-        scale(BAND_ROWS * L.Wv),
-        shift(BAND_ROWS * L.Wv) {}
+        scale(L.band_rows * L.Wv),
+        shift(L.band_rows * L.Wv) {}
 };
 
 // Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
@@ -272,8 +278,8 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                                       const Layout<acc_t>& L, int64_t task,
                                       Workspace<acc_t>& ws) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t n = task / L.bands, y0 = (task % L.bands) * BAND_ROWS;
-  const int64_t rows = std::min(BAND_ROWS, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
   const int64_t r = K / 2, window_rows = args.self ? r + 1 : K;
   acc_t* acc = ws.acc.data();
@@ -295,10 +301,10 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
       a_cstride = L.rows_b * WB;
       a_rstride = WB;
     } else {
-      stage_rows(args.a, L, n, c0, count, y0, rows, BAND_ROWS, 0, Wv, ws.a_stage.data(),
+      stage_rows(args.a, L, n, c0, count, y0, rows, L.band_rows, 0, Wv, ws.a_stage.data(),
                  args.normalize ? sum_a : nullptr);
       a_rows = ws.a_stage.data();
-      a_cstride = BAND_ROWS * Wv;
+      a_cstride = L.band_rows * Wv;
       a_rstride = Wv;
     }
     STCCL_WITH_DILATION(d, {
@@ -435,8 +441,8 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
                                        const Layout<acc_t>& L, int64_t task,
                                        Workspace<acc_t>& ws) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t n = task / L.bands, y0 = (task % L.bands) * BAND_ROWS;
-  const int64_t rows = std::min(BAND_ROWS, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
   backward_weights(args, L, n, y0, rows, ws);
   const acc_t* w = ws.acc.data();
