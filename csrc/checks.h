@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "index_math.h"
+
 namespace stccl {
 
 inline void check_operand(const at::Tensor& t, const char* op, const char* name) {
@@ -32,6 +34,8 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* o
 inline void check_window(int64_t kernel_size, int64_t dilation, double eps, const char* op) {
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "stccl_ops.", op,
               ": kernel_size must be a positive odd integer, got ", kernel_size);
+  TORCH_CHECK(kernel_size <= MAX_KERNEL_SIZE, "stccl_ops.", op, ": kernel_size must be <= ",
+              MAX_KERNEL_SIZE, ", got ", kernel_size);
   TORCH_CHECK(dilation >= 1, "stccl_ops.", op, ": dilation must be >= 1, got ", dilation);
   TORCH_CHECK(eps > 0, "stccl_ops.", op, ": eps must be > 0, got ", eps);
 }

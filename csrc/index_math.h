@@ -18,12 +18,16 @@ namespace stccl {
 
 // Channel k = i*K + j of the output is the offset
 // (dy, dx) = ((i - K/2) * dilation, (j - K/2) * dilation), row-major like F.unfold.
+// kernel_size is at most MAX_KERNEL_SIZE, so k and K fit 32 bits: the
+// divisions below are 32-bit (a 64-bit division is a function call on GPUs).
+constexpr int64_t MAX_KERNEL_SIZE = 255;
+
 STCCL_HD int64_t offset_dy(int64_t k, int64_t K, int64_t dilation) {
-  return (k / K - K / 2) * dilation;
+  return (int32_t(k) / int32_t(K) - int32_t(K) / 2) * dilation;
 }
 
 STCCL_HD int64_t offset_dx(int64_t k, int64_t K, int64_t dilation) {
-  return (k % K - K / 2) * dilation;
+  return (int32_t(k) % int32_t(K) - int32_t(K) / 2) * dilation;
 }
 
 // The channel whose offset is the negation of channel k's: out[p, mirror(k)]
@@ -43,10 +47,17 @@ struct Strides4 {
   int64_t outer, batch, c, y, x;
 };
 
+STCCL_HD int64_t image_offset(const Strides4& s, int64_t n) {
+  // Image counts fit 32 bits in practice; keep the division 32-bit then.
+  const int64_t outer = (n <= INT32_MAX && s.inner <= INT32_MAX)
+                            ? int64_t(int32_t(n) / int32_t(s.inner))
+                            : n / s.inner;
+  return outer * s.outer + (n - outer * s.inner) * s.batch;
+}
+
 STCCL_HD int64_t element_offset(const Strides4& s, int64_t n, int64_t c,
                                 int64_t y, int64_t x) {
-  return (n / s.inner) * s.outer + (n % s.inner) * s.batch + c * s.c +
-         y * s.y + x * s.x;
+  return image_offset(s, n) + c * s.c + y * s.y + x * s.x;
 }
 
 // 1 / max(||v||, eps): the factor F.normalize applies, from the squared norm.

@@ -71,6 +71,8 @@ class ExtensionBackend(Backend):
             return "the extension stccl_ops._C is not built"
         if self.name == "cuda" and not _ops.build_info()["cuda"]:
             return "stccl_ops._C was built without CUDA"
+        if self.name == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
         return super().unavailable(device)
 
     @property

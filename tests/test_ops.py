@@ -148,6 +148,9 @@ def test_explicit_unavailable_backends_are_errors():
     if not stccl_ops.build_info()["cuda"]:
         with pytest.raises(ImportError, match="compiled without CUDA"):
             stccl_ops.local_correlation(a, a, backend="cuda")
+    elif not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda' cannot be used: no CUDA GPU"):
+            stccl_ops.local_correlation(a, a, backend="cuda")
     else:
         with pytest.raises(ValueError, match="runs on cuda tensors"):
             stccl_ops.local_correlation(a, a, backend="cuda")

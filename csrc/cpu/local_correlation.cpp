@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../tensor_args.h"
 #include "correlation_kernels.h"
 #include "isa.h"
 
@@ -19,23 +20,7 @@ namespace {
 
 template <typename scalar_t>
 Operand<scalar_t> operand(const at::Tensor& t) {
-  const auto st = t.strides();
-  const int64_t d = t.dim();
-  Strides4 s;
-  s.inner = d == 5 ? t.size(1) : 1;
-  s.outer = st[0];
-  s.batch = d == 5 ? st[1] : 0;
-  s.c = st[d - 3];
-  s.y = st[d - 2];
-  s.x = st[d - 1];
-  return {t.const_data_ptr<scalar_t>(), s};
-}
-
-// N, C, H, W of a 4-D operand or of a clip with its (B, T) flattened.
-std::array<int64_t, 4> dims(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  return {d == 5 ? t.size(0) * t.size(1) : t.size(0), t.size(d - 3), t.size(d - 2),
-          t.size(d - 1)};
+  return {t.const_data_ptr<scalar_t>(), strides4(t)};
 }
 
 template <typename scalar_t, typename acc_t>

@@ -1,0 +1,565 @@
+// CUDA kernels of the local correlation. No torch headers: the launchers take
+// raw pointers, sizes and strides (launch.h); local_correlation_ops.cpp binds them.
+//
+// Forward: a block computes a TILE_H x TILE_W tile of output pixels of one
+// image. It walks the channels in chunks, staging the a tile and the b tile
+// with its halo in shared memory (read from global memory once, converted to
+// the accumulation type) together with the per-pixel sums of squares, so the
+// inverse norms are computed once per pixel, never per neighbour. Each thread
+// keeps the dot products of its pixel for up to G offsets in registers; G is a
+// compile-time bucket (1, 9, 25, 49, 81), a window with more offsets runs in
+// groups. Halos too large for shared memory take an unstaged kernel that
+// reads neighbours through the cache.
+//
+// Backward: per-pixel weights of each neighbour (the same formulas as the CPU
+// kernels, through the shared index helpers) are computed once; a gather
+// kernel with the forward's tiling then sums weight x neighbour per output
+// pixel and channel. Every gradient element is written by one thread, in a
+// fixed order: no atomics, bitwise deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "launch.h"
+
+namespace stccl::cuda {
+namespace {
+
+constexpr int TILE_W = 32, TILE_H = 8, THREADS = TILE_W * TILE_H;
+constexpr int64_t SMEM_BUDGET = 40 * 1024;
+constexpr int UNSTAGED_GROUP = 9;
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(float v);
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(double v) { return v; }
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+struct Geometry {
+  int64_t N, C, H, W, K, KK, dilation, pad;
+  int THB, TWB;  // staged b tile with its halo
+  explicit Geometry(const Problem& p)
+      : N(p.N), C(p.C), H(p.H), W(p.W), K(p.kernel_size), KK(p.kernel_size * p.kernel_size),
+        dilation(p.dilation), pad((p.kernel_size / 2) * p.dilation),
+        THB(int(TILE_H + 2 * pad)), TWB(int(TILE_W + 2 * pad)) {}
+};
+
+// Channels staged per chunk so that the tiles fit SMEM_BUDGET; 0 if even one
+// channel does not fit (the unstaged kernels then run).
+int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
+  const int64_t fixed = (int64_t(g.THB) * g.TWB + TILE_H * TILE_W) * acc_size + 81 * 4;
+  const int64_t per_channel = (int64_t(g.THB) * g.TWB + (self ? 0 : TILE_H * TILE_W)) * acc_size;
+  if (fixed + per_channel > SMEM_BUDGET) return 0;
+  return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
+}
+
+// --------------------------------------------------------------------- forward
+
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(THREADS, 1)
+    forward_staged_kernel(const scalar_t* __restrict__ a, Strides4 sa,
+                          const scalar_t* __restrict__ b, Strides4 sb,
+                          scalar_t* __restrict__ out, Geometry g, int chunk, int k_begin,
+                          int k_count, bool self, bool normalize,
+                          typename AccOf<scalar_t>::type eps) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int TB = g.THB * g.TWB, TILE = TILE_H * TILE_W;
+  acc_t* b_sq = reinterpret_cast<acc_t*>(smem);  // [THB * TWB]
+  acc_t* a_sq = b_sq + TB;                        // [TILE]
+  acc_t* b_tile = a_sq + TILE;                    // [chunk][THB * TWB]
+  acc_t* a_tile = b_tile + int64_t(chunk) * TB;   // [chunk][TILE] (not for self)
+  int* offsets = reinterpret_cast<int*>(a_tile + (self ? 0 : int64_t(chunk) * TILE));
+
+  const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
+  const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
+  const int64_t n = blockIdx.z, x = x0 + tx, y = y0 + ty;
+  const scalar_t* a_img = a + image_offset(sa, n);
+  const scalar_t* b_img = b + image_offset(sb, n);
+  for (int i = tid; i < TB; i += THREADS) b_sq[i] = 0;
+  for (int i = tid; i < TILE; i += THREADS) a_sq[i] = 0;
+  for (int i = tid; i < k_count; i += THREADS) {
+    const int64_t k = k_begin + i;
+    offsets[i] = int((g.pad + offset_dy(k, g.K, g.dilation)) * g.TWB + g.pad +
+                     offset_dx(k, g.K, g.dilation));
+  }
+  acc_t acc[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) acc[i] = 0;
+
+  for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
+    const int count = int(min(int64_t(chunk), g.C - c0));
+    __syncthreads();  // the previous chunk is consumed
+    for (int i = tid; i < TB; i += THREADS) {
+      const int64_t yy = y0 - g.pad + i / g.TWB, xx = x0 - g.pad + i % g.TWB;
+      const bool inside = in_image(yy, xx, g.H, g.W);
+      const scalar_t* src = b_img + (inside ? yy * sb.y + xx * sb.x : 0) + c0 * sb.c;
+      acc_t sq = 0;
+      for (int cc = 0; cc < count; ++cc) {
+        const acc_t v = inside ? to_acc(src[cc * sb.c]) : acc_t(0);
+        b_tile[cc * TB + i] = v;
+        sq += v * v;
+      }
+      b_sq[i] += sq;
+    }
+    if (!self) {
+      for (int i = tid; i < TILE; i += THREADS) {
+        const int64_t yy = y0 + i / TILE_W, xx = x0 + i % TILE_W;
+        const bool inside = in_image(yy, xx, g.H, g.W);
+        const scalar_t* src = a_img + (inside ? yy * sa.y + xx * sa.x : 0) + c0 * sa.c;
+        acc_t sq = 0;
+        for (int cc = 0; cc < count; ++cc) {
+          const acc_t v = inside ? to_acc(src[cc * sa.c]) : acc_t(0);
+          a_tile[cc * TILE + i] = v;
+          sq += v * v;
+        }
+        a_sq[i] += sq;
+      }
+    }
+    __syncthreads();
+    const acc_t* a_col = self ? b_tile + (ty + g.pad) * g.TWB + tx + g.pad : a_tile + tid;
+    const int a_stride = self ? TB : TILE;
+    const acc_t* b_col = b_tile + ty * g.TWB + tx;
+    for (int cc = 0; cc < count; ++cc) {
+      const acc_t va = a_col[cc * a_stride];
+#pragma unroll
+      for (int i = 0; i < G; ++i)
+        if (i < k_count) acc[i] += va * b_col[cc * TB + offsets[i]];
+    }
+  }
+  __syncthreads();
+  if (y >= g.H || x >= g.W) return;
+  const acc_t inv_a =
+      !normalize ? acc_t(1)
+                 : inverse_norm(self ? b_sq[(ty + g.pad) * g.TWB + tx + g.pad] : a_sq[tid], eps);
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    if (i >= k_count) break;
+    const int64_t k = k_begin + i;
+    const int64_t yq = y + offset_dy(k, g.K, g.dilation), xq = x + offset_dx(k, g.K, g.dilation);
+    acc_t v = 0;
+    if (in_image(yq, xq, g.H, g.W)) {
+      const acc_t inv_b = normalize ? inverse_norm(b_sq[ty * g.TWB + tx + offsets[i]], eps) : 1;
+      v = acc[i] * inv_a * inv_b;
+    }
+    out[((n * g.KK + k) * g.H + y) * g.W + x] = from_acc<scalar_t>(v);
+  }
+}
+
+// Halos beyond shared memory: each thread reads its neighbours through the
+// cache and sums their squares itself (UNSTAGED_GROUP offsets per launch).
+template <typename scalar_t>
+__global__ void __launch_bounds__(THREADS, 1)
+    forward_unstaged_kernel(const scalar_t* __restrict__ a, Strides4 sa,
+                            const scalar_t* __restrict__ b, Strides4 sb,
+                            scalar_t* __restrict__ out, Geometry g, int k_begin, int k_count,
+                            bool normalize, typename AccOf<scalar_t>::type eps) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t x = int64_t(blockIdx.x) * TILE_W + threadIdx.x % TILE_W;
+  const int64_t y = int64_t(blockIdx.y) * TILE_H + threadIdx.x / TILE_W, n = blockIdx.z;
+  if (y >= g.H || x >= g.W) return;
+  const scalar_t* a_img = a + image_offset(sa, n);
+  const scalar_t* b_img = b + image_offset(sb, n);
+  acc_t acc[UNSTAGED_GROUP], sq[UNSTAGED_GROUP], sq_a = 0;
+  int64_t where[UNSTAGED_GROUP];
+#pragma unroll
+  for (int i = 0; i < UNSTAGED_GROUP; ++i) {
+    acc[i] = sq[i] = 0;
+    const int64_t k = k_begin + i;
+    const int64_t yq = y + offset_dy(k, g.K, g.dilation), xq = x + offset_dx(k, g.K, g.dilation);
+    where[i] = (i < k_count && in_image(yq, xq, g.H, g.W)) ? yq * sb.y + xq * sb.x : -1;
+  }
+  for (int64_t c = 0; c < g.C; ++c) {
+    const acc_t va = to_acc(a_img[c * sa.c + y * sa.y + x * sa.x]);
+    sq_a += va * va;
+#pragma unroll
+    for (int i = 0; i < UNSTAGED_GROUP; ++i) {
+      if (where[i] < 0) continue;
+      const acc_t vb = to_acc(b_img[c * sb.c + where[i]]);
+      acc[i] += va * vb;
+      sq[i] += vb * vb;
+    }
+  }
+  const acc_t inv_a = normalize ? inverse_norm(sq_a, eps) : acc_t(1);
+#pragma unroll
+  for (int i = 0; i < UNSTAGED_GROUP; ++i) {
+    if (i >= k_count) break;
+    const acc_t v = where[i] < 0 ? acc_t(0)
+                                 : acc[i] * inv_a * (normalize ? inverse_norm(sq[i], eps) : 1);
+    out[((n * g.KK + k_begin + i) * g.H + y) * g.W + x] = from_acc<scalar_t>(v);
+  }
+}
+
+// out[p, mirror(k)] = out[p + d_mirror(k), k] for the offsets past the centre.
+template <typename scalar_t>
+__global__ void mirror_kernel(scalar_t* __restrict__ out, Geometry g) {
+  const int64_t centre = g.KK / 2, mirrored = g.KK - centre - 1;
+  const int64_t total = g.N * mirrored * g.H * g.W;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = idx % g.W, y = (idx / g.W) % g.H;
+    const int64_t kb = centre + 1 + (idx / (g.W * g.H)) % mirrored;
+    const int64_t n = idx / (g.W * g.H * mirrored);
+    const int64_t ys = y + offset_dy(kb, g.K, g.dilation), xs = x + offset_dx(kb, g.K, g.dilation);
+    scalar_t v = from_acc<scalar_t>(typename AccOf<scalar_t>::type(0));
+    if (in_image(ys, xs, g.H, g.W))
+      v = out[((n * g.KK + mirror_offset(kb, g.K)) * g.H + ys) * g.W + xs];
+    out[((n * g.KK + kb) * g.H + y) * g.W + x] = v;
+  }
+}
+
+// -------------------------------------------------------------------- backward
+
+template <typename acc_t>
+struct Workspace {
+  acc_t *inv_a, *pass_a, *inv_b, *pass_b, *scale, *shift, *weights;
+  Workspace(void* base, const Geometry& g) {
+    const int64_t pixels = g.N * g.H * g.W;
+    acc_t* p = static_cast<acc_t*>(base);
+    inv_a = p;
+    pass_a = p + pixels;
+    inv_b = p + 2 * pixels;
+    pass_b = p + 3 * pixels;
+    scale = p + 4 * pixels;
+    shift = p + 5 * pixels;
+    weights = p + 6 * pixels;
+  }
+  static int64_t elements(const Geometry& g) { return (6 + g.KK) * g.N * g.H * g.W; }
+};
+
+template <typename scalar_t>
+__global__ void inverse_norms_kernel(const scalar_t* __restrict__ v, Strides4 s, Geometry g,
+                                     typename AccOf<scalar_t>::type eps,
+                                     typename AccOf<scalar_t>::type* __restrict__ inv,
+                                     typename AccOf<scalar_t>::type* __restrict__ pass) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t total = g.N * g.H * g.W;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = idx % g.W, y = (idx / g.W) % g.H, n = idx / (g.W * g.H);
+    const scalar_t* p = v + image_offset(s, n) + y * s.y + x * s.x;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < g.C; ++c) {
+      const acc_t e = to_acc(p[c * s.c]);
+      sum += e * e;
+    }
+    inv[idx] = inverse_norm(sum, eps);
+    pass[idx] = norm_passes_clamp(sum, eps) ? acc_t(1) : acc_t(0);
+  }
+}
+
+// w[n, k, p]: the weight of other[p + d_k] in the gradient at p, and the
+// per-pixel scale and shift: grad[p] = scale_p * sum_k w[k] other[p + d_k]
+// - shift_p * own_p (the formulas of the CPU backward_weights).
+template <typename scalar_t>
+__global__ void weights_kernel(const scalar_t* __restrict__ grad_out, Strides4 sg,
+                               const scalar_t* __restrict__ out, Strides4 so, Geometry g,
+                               Grad which, bool normalize,
+                               Workspace<typename AccOf<scalar_t>::type> ws) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t total = g.N * g.H * g.W;
+  const acc_t* inv_own = which == Grad::B ? ws.inv_b : ws.inv_a;
+  const acc_t* pass_own = which == Grad::B ? ws.pass_b : ws.pass_a;
+  const acc_t* inv_other = which == Grad::A ? ws.inv_b : ws.inv_a;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = idx % g.W, y = (idx / g.W) % g.H, n = idx / (g.W * g.H);
+    const scalar_t* g_img = grad_out + image_offset(sg, n);
+    const scalar_t* o_img = out + image_offset(so, n);
+    acc_t csum = 0;
+    for (int64_t k = 0; k < g.KK; ++k) {
+      const int64_t yq = y + offset_dy(k, g.K, g.dilation), xq = x + offset_dx(k, g.K, g.dilation);
+      acc_t w = 0;
+      if (in_image(yq, xq, g.H, g.W)) {
+        // GRAD_B reads the output at q whose mirrored offset points back at p.
+        const int64_t kg = which == Grad::B ? mirror_offset(k, g.K) : k;
+        const int64_t yg = which == Grad::B ? yq : y, xg = which == Grad::B ? xq : x;
+        acc_t gv = to_acc(g_img[kg * sg.c + yg * sg.y + xg * sg.x]);
+        const acc_t ov = to_acc(o_img[kg * so.c + yg * so.y + xg * so.x]);
+        if (which == Grad::Self)
+          gv += to_acc(g_img[mirror_offset(k, g.K) * sg.c + yq * sg.y + xq * sg.x]);
+        const int64_t q = (n * g.H + yq) * g.W + xq;
+        w = normalize ? gv * inv_other[q] : gv;
+        csum += gv * ov;
+      }
+      ws.weights[(n * g.KK + k) * g.H * g.W + y * g.W + x] = w;
+    }
+    if (normalize) {
+      const acc_t inv = inv_own[idx];
+      ws.scale[idx] = inv;
+      ws.shift[idx] = pass_own[idx] * inv * inv * csum;
+    } else {
+      ws.scale[idx] = 1;
+      ws.shift[idx] = 0;
+    }
+  }
+}
+
+// grad[n, c, p] (+)= scale_p * sum_k w[k, p] other[c, p + d_k] (- shift_p own[c, p]
+// on the first group of offsets), with other staged per channel chunk.
+template <typename scalar_t, int G, bool STAGED>
+__global__ void __launch_bounds__(THREADS, 1)
+    gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
+                  const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
+                  Geometry g, int chunk, int k_begin, int k_count, bool first_group,
+                  Workspace<typename AccOf<scalar_t>::type> ws) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int TB = g.THB * g.TWB;
+  acc_t* x_tile = reinterpret_cast<acc_t*>(smem);                              // [chunk][TB]
+  int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * TB : 0));
+
+  const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
+  const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
+  const int64_t n = blockIdx.z, x = x0 + tx, y = y0 + ty;
+  const bool mine = y < g.H && x < g.W;
+  const int64_t pixel = (n * g.H + (mine ? y : 0)) * g.W + (mine ? x : 0);
+  const scalar_t* x_img = other + image_offset(sx, n);
+  const scalar_t* y_img = own + image_offset(sy, n);
+  for (int i = tid; i < k_count; i += THREADS) {
+    const int64_t k = k_begin + i;
+    offsets[i] = int((g.pad + offset_dy(k, g.K, g.dilation)) * g.TWB + g.pad +
+                     offset_dx(k, g.K, g.dilation));
+  }
+  acc_t w[G];
+  int64_t where[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int64_t k = k_begin + i;
+    w[i] = (mine && i < k_count) ? ws.weights[(n * g.KK + k) * g.H * g.W + y * g.W + x] : acc_t(0);
+    if (!STAGED) {
+      const int64_t yq = y + offset_dy(k, g.K, g.dilation), xq = x + offset_dx(k, g.K, g.dilation);
+      where[i] = (i < k_count && in_image(yq, xq, g.H, g.W)) ? yq * sx.y + xq * sx.x : -1;
+    }
+  }
+  const acc_t scale = mine ? ws.scale[pixel] : acc_t(0);
+  const acc_t shift = mine && first_group ? ws.shift[pixel] : acc_t(0);
+  scalar_t* g_pix = grad + (n * g.C * g.H + y) * g.W + x;
+
+  for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
+    const int count = int(min(int64_t(chunk), g.C - c0));
+    if (STAGED) {
+      __syncthreads();
+      for (int i = tid; i < TB; i += THREADS) {
+        const int64_t yy = y0 - g.pad + i / g.TWB, xx = x0 - g.pad + i % g.TWB;
+        const bool inside = in_image(yy, xx, g.H, g.W);
+        const scalar_t* src = x_img + (inside ? yy * sx.y + xx * sx.x : 0) + c0 * sx.c;
+        for (int cc = 0; cc < count; ++cc)
+          x_tile[cc * TB + i] = inside ? to_acc(src[cc * sx.c]) : acc_t(0);
+      }
+      __syncthreads();
+    }
+    if (!mine) continue;
+    for (int cc = 0; cc < count; ++cc) {
+      const int64_t c = c0 + cc;
+      acc_t s = 0;
+#pragma unroll
+      for (int i = 0; i < G; ++i) {
+        if (i >= k_count) break;
+        if (STAGED) {
+          s += w[i] * x_tile[cc * TB + ty * g.TWB + tx + offsets[i]];
+        } else if (where[i] >= 0) {
+          s += w[i] * to_acc(x_img[c * sx.c + where[i]]);
+        }
+      }
+      acc_t v = scale * s;
+      if (first_group) {
+        v -= shift * to_acc(y_img[c * sy.c + y * sy.y + x * sy.x]);
+      } else {
+        v += to_acc(g_pix[c * g.H * g.W]);
+      }
+      g_pix[c * g.H * g.W] = from_acc<scalar_t>(v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+
+dim3 tile_grid(const Geometry& g) {
+  return dim3(unsigned((g.W + TILE_W - 1) / TILE_W), unsigned((g.H + TILE_H - 1) / TILE_H),
+              unsigned(g.N));
+}
+
+unsigned flat_blocks(int64_t total) {
+  return unsigned(std::min<int64_t>((total + 255) / 256, 65535 * 8));
+}
+
+// Runs launch(G, k_begin, k_count) over the offsets [first, first + count) in
+// groups no larger than the biggest bucket, each with the smallest bucket.
+template <typename Launch>
+cudaError_t for_offset_groups(int64_t first, int64_t count, Launch&& launch) {
+  for (int64_t k0 = first; k0 < first + count; k0 += 81) {
+    const int k_count = int(std::min<int64_t>(81, first + count - k0));
+    const int bucket = k_count <= 1 ? 1 : k_count <= 9 ? 9 : k_count <= 25 ? 25
+                                                         : k_count <= 49 ? 49 : 81;
+    launch(bucket, int(k0), k_count);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+#define STCCL_WITH_BUCKET(bucket, ...)           \
+  switch (bucket) {                              \
+    case 1: { constexpr int G = 1; __VA_ARGS__; break; }   \
+    case 9: { constexpr int G = 9; __VA_ARGS__; break; }   \
+    case 25: { constexpr int G = 25; __VA_ARGS__; break; } \
+    case 49: { constexpr int G = 49; __VA_ARGS__; break; } \
+    default: { constexpr int G = 81; __VA_ARGS__; break; } \
+  }
+
+template <typename scalar_t>
+cudaError_t forward(const Problem& p, const void* a_, Strides4 sa, const void* b_, Strides4 sb,
+                    bool self, void* out_, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Geometry g(p);
+  const auto* a = static_cast<const scalar_t*>(a_);
+  const auto* b = static_cast<const scalar_t*>(b_);
+  auto* out = static_cast<scalar_t*>(out_);
+  const acc_t eps = acc_t(p.eps);
+  const int64_t count = self ? g.KK / 2 + 1 : g.KK;
+  const int64_t chunk = staged_chunk(g, sizeof(acc_t), self);
+  cudaError_t err;
+  if (chunk > 0) {
+    const int64_t TB = int64_t(g.THB) * g.TWB;
+    const size_t smem = size_t((TB + TILE_H * TILE_W + chunk * (TB + (self ? 0 : TILE_H * TILE_W))) *
+                               sizeof(acc_t) + 81 * sizeof(int));
+    err = for_offset_groups(0, count, [&](int bucket, int k0, int kc) {
+      STCCL_WITH_BUCKET(bucket, forward_staged_kernel<scalar_t, G><<<tile_grid(g), THREADS, smem, stream>>>(
+          a, sa, b, sb, out, g, int(chunk), k0, kc, self, p.normalize, eps));
+    });
+  } else {
+    err = cudaSuccess;
+    for (int64_t k0 = 0; k0 < count && err == cudaSuccess; k0 += UNSTAGED_GROUP) {
+      const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, count - k0));
+      forward_unstaged_kernel<scalar_t><<<tile_grid(g), THREADS, 0, stream>>>(
+          a, sa, b, sb, out, g, int(k0), kc, p.normalize, eps);
+      err = cudaGetLastError();
+    }
+  }
+  if (err != cudaSuccess || !self || g.KK == 1) return err;
+  mirror_kernel<scalar_t><<<flat_blocks(g.N * (g.KK / 2) * g.H * g.W), 256, 0, stream>>>(out, g);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t backward_norms(const Problem& p, const void* a_, Strides4 sa, const void* b_,
+                           Strides4 sb, bool self, void* workspace, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Geometry g(p);
+  Workspace<acc_t> ws(workspace, g);
+  const unsigned blocks = flat_blocks(g.N * g.H * g.W);
+  inverse_norms_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+      static_cast<const scalar_t*>(a_), sa, g, acc_t(p.eps), ws.inv_a, ws.pass_a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || self) return err;
+  inverse_norms_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+      static_cast<const scalar_t*>(b_), sb, g, acc_t(p.eps), ws.inv_b, ws.pass_b);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides4 sg,
+                     const void* out, Strides4 so, const void* a, Strides4 sa, const void* b,
+                     Strides4 sb, void* grad, void* workspace, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Geometry g(p);
+  Workspace<acc_t> ws(workspace, g);
+  if (which == Grad::Self) {
+    ws.inv_b = ws.inv_a;
+    ws.pass_b = ws.pass_a;
+  }
+  weights_kernel<scalar_t><<<flat_blocks(g.N * g.H * g.W), 256, 0, stream>>>(
+      static_cast<const scalar_t*>(grad_out), sg, static_cast<const scalar_t*>(out), so, g, which,
+      p.normalize, ws);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const bool gather_a = which == Grad::B;  // grad_b gathers a; grad_a and self gather b / x
+  const auto* other = static_cast<const scalar_t*>(gather_a ? a : b);
+  const Strides4 s_other = gather_a ? sa : sb;
+  const auto* own = static_cast<const scalar_t*>(which == Grad::B ? b : a);
+  const Strides4 s_own = which == Grad::B ? sb : sa;
+  auto* g_out = static_cast<scalar_t*>(grad);
+  // The gather stages only `other`: the a-tile part of the forward budget is free.
+  const int64_t chunk = staged_chunk(g, sizeof(acc_t), /*self=*/true);
+  const int64_t TB = int64_t(g.THB) * g.TWB;
+  if (chunk == 0) {  // halo beyond shared memory: neighbours through the cache
+    for (int64_t k0 = 0; k0 < g.KK; k0 += UNSTAGED_GROUP) {
+      const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, g.KK - k0));
+      gather_kernel<scalar_t, UNSTAGED_GROUP, false>
+          <<<tile_grid(g), THREADS, UNSTAGED_GROUP * sizeof(int), stream>>>(
+              other, s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0, ws);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
+  const size_t smem = size_t(chunk * TB * sizeof(acc_t) + 81 * sizeof(int));
+  return for_offset_groups(0, g.KK, [&](int bucket, int k0, int kc) {
+    STCCL_WITH_BUCKET(bucket, gather_kernel<scalar_t, G, true><<<tile_grid(g), THREADS, smem, stream>>>(
+        other, s_other, own, s_own, g_out, g, int(chunk), k0, kc, k0 == 0, ws));
+  });
+}
+
+template <template <typename> class Fn, typename... Args>
+cudaError_t dispatch(DType dtype, Args&&... args) {
+  switch (dtype) {
+    case DType::Float16: return Fn<__half>::run(args...);
+    case DType::BFloat16: return Fn<__nv_bfloat16>::run(args...);
+    case DType::Float32: return Fn<float>::run(args...);
+    default: return Fn<double>::run(args...);
+  }
+}
+
+template <typename T> struct Forward { template <typename... A> static cudaError_t run(A&&... a) { return forward<T>(a...); } };
+template <typename T> struct Norms { template <typename... A> static cudaError_t run(A&&... a) { return backward_norms<T>(a...); } };
+template <typename T> struct Backward { template <typename... A> static cudaError_t run(A&&... a) { return backward<T>(a...); } };
+
+}  // namespace
+
+cudaError_t launch_forward(const Problem& p, const void* a, Strides4 sa, const void* b,
+                           Strides4 sb, bool self, void* out, cudaStream_t stream) {
+  return dispatch<Forward>(p.dtype, p, a, sa, b, sb, self, out, stream);
+}
+
+int64_t backward_workspace_bytes(const Problem& p) {
+  const int64_t size = p.dtype == DType::Float64 ? 8 : 4;
+  return Workspace<float>::elements(Geometry(p)) * size;
+}
+
+cudaError_t launch_backward_norms(const Problem& p, const void* a, Strides4 sa, const void* b,
+                                  Strides4 sb, bool self, void* workspace, cudaStream_t stream) {
+  return dispatch<Norms>(p.dtype, p, a, sa, b, sb, self, workspace, stream);
+}
+
+cudaError_t launch_backward(const Problem& p, Grad which, const void* grad_out, Strides4 sg,
+                            const void* out, Strides4 so, const void* a, Strides4 sa,
+                            const void* b, Strides4 sb, void* grad, void* workspace,
+                            cudaStream_t stream) {
+  return dispatch<Backward>(p.dtype, p, which, grad_out, sg, out, so, a, sa, b, sb, grad,
+                            workspace, stream);
+}
+
+}  // namespace stccl::cuda

@@ -1,0 +1,127 @@
+// CUDA entry points of the ops declared in csrc/ops.cpp: argument checks, the
+// device guard, the current stream, allocation, and the launchers of
+// local_correlation.cu. Copy policy as on the CPU: operands are read in place
+// with their strides; only outputs, gradients and a workspace are allocated.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../tensor_args.h"
+#include "launch.h"
+
+namespace stccl::cuda {
+namespace {
+
+Problem problem(const at::Tensor& t, int64_t kernel_size, int64_t dilation, bool normalize,
+                double eps) {
+  DType dtype;
+  switch (t.scalar_type()) {
+    case at::kHalf: dtype = DType::Float16; break;
+    case at::kBFloat16: dtype = DType::BFloat16; break;
+    case at::kFloat: dtype = DType::Float32; break;
+    case at::kDouble: dtype = DType::Float64; break;
+    default: TORCH_CHECK(false, "stccl_ops: unsupported dtype ", t.scalar_type());
+  }
+  const auto d = dims(t);
+  return {dtype, d[0], d[1], d[2], d[3], kernel_size, dilation, normalize, eps};
+}
+
+at::Tensor forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
+                   int64_t dilation, bool normalize, double eps, bool self) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty(correlation_shape(a, kernel_size), a.options());
+  if (out.numel() == 0) return out;
+  const Problem p = problem(a, kernel_size, dilation, normalize, eps);
+  C10_CUDA_CHECK(launch_forward(p, a.const_data_ptr(), strides4(a), b.const_data_ptr(),
+                                strides4(b), self, out.mutable_data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor local_correlation_cuda(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
+                                  int64_t dilation, bool normalize, double eps) {
+  check_operand(a, "local_correlation", "a");
+  check_operand(b, "local_correlation", "b");
+  check_same(b, a, "local_correlation", "b", "a");
+  check_window(kernel_size, dilation, eps, "local_correlation");
+  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+}
+
+at::Tensor self_correlation_cuda(const at::Tensor& x, int64_t kernel_size, int64_t dilation,
+                                 bool normalize, double eps) {
+  check_operand(x, "self_correlation", "x");
+  check_window(kernel_size, dilation, eps, "self_correlation");
+  return forward(x, x, kernel_size, dilation, normalize, eps, /*self=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& a,
+                                            const at::Tensor& b, const at::Tensor& out,
+                                            int64_t kernel_size, int64_t dilation,
+                                            bool normalize, double eps, bool need_a,
+                                            bool need_b, bool self) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
+  if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
+  const Problem p = problem(a, kernel_size, dilation, normalize, eps);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto workspace = at::empty({backward_workspace_bytes(p)}, a.options().dtype(at::kByte));
+  const Strides4 sa = strides4(a), sb = strides4(b), sg = strides4(grad_out),
+                 so = strides4(out);
+  if (normalize) {
+    C10_CUDA_CHECK(launch_backward_norms(p, a.const_data_ptr(), sa, b.const_data_ptr(), sb, self,
+                                         workspace.mutable_data_ptr(), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto run = [&](Grad which, at::Tensor& grad) {
+    C10_CUDA_CHECK(launch_backward(p, which, grad_out.const_data_ptr(), sg, out.const_data_ptr(),
+                                   so, a.const_data_ptr(), sa, b.const_data_ptr(), sb,
+                                   grad.mutable_data_ptr(), workspace.mutable_data_ptr(),
+                                   stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (need_a) run(self ? Grad::Self : Grad::A, grad_a);
+  if (need_b) run(Grad::B, grad_b);
+  return {grad_a, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> local_correlation_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+    int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
+    bool need_grad_b) {
+  const char* op = "_local_correlation_backward";
+  check_operand(a, op, "a");
+  check_same(b, a, op, "b", "a");
+  check_window(kernel_size, dilation, eps, op);
+  check_volume(grad_out, a, kernel_size, op, "grad_out");
+  check_volume(out, a, kernel_size, op, "out");
+  return backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps, need_grad_a,
+                  need_grad_b, /*self=*/false);
+}
+
+at::Tensor self_correlation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& out, int64_t kernel_size,
+                                          int64_t dilation, bool normalize, double eps) {
+  const char* op = "_self_correlation_backward";
+  check_operand(x, op, "x");
+  check_window(kernel_size, dilation, eps, op);
+  check_volume(grad_out, x, kernel_size, op, "grad_out");
+  check_volume(out, x, kernel_size, op, "out");
+  return std::get<0>(backward(grad_out, x, x, out, kernel_size, dilation, normalize, eps,
+                              /*need_a=*/true, /*need_b=*/false, /*self=*/true));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stccl_ops, CUDA, m) {
+  m.impl("local_correlation", &local_correlation_cuda);
+  m.impl("_local_correlation_backward", &local_correlation_backward_cuda);
+  m.impl("self_correlation", &self_correlation_cuda);
+  m.impl("_self_correlation_backward", &self_correlation_backward_cuda);
+}
+
+}  // namespace stccl::cuda
