@@ -24,6 +24,11 @@ from .modules import (
     TemporalCorrelation,
 )
 
+try:  # the Triton backend registers itself when Triton imports
+    from . import triton as _triton_backend  # noqa: F401
+except ImportError:
+    pass
+
 __version__ = "0.1.0"
 
 __all__ = [

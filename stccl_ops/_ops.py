@@ -50,7 +50,7 @@ def local_backward(ctx, grad_out):
     a, b, out = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_a, grad_b = ctx.backward_op(grad_out, a, b, out, *ctx.window, need_a, need_b)
-    return (grad_a, grad_b) + (None,) * (ctx.num_inputs - 2)
+    return (grad_a if need_a else None, grad_b if need_b else None) + (None,) * (ctx.num_inputs - 2)
 
 
 def self_backward(ctx, grad_out):

@@ -1,0 +1,285 @@
+"""Triton kernels of the local correlation, forward and backward, and their
+registration as torch.library triton ops (traceable by torch.compile).
+
+Tiling: a program handles BLOCK_P pixels of one image (flattened y*W + x) and
+walks the channels in blocks of BLOCK_C, accumulating in float32 (float64 for
+float64 inputs).
+- forward: one program per (pixel block, offset k, image). It loads the a and
+  the shifted b tile per channel block and reduces over channels; the
+  inverse norms come from a tiny pre-pass (one float per pixel), never a
+  normalized copy of the inputs.
+- backward: one program per (pixel block, channel block, image). It walks the
+  K*K offsets, computes each neighbour's weight from grad_out, the saved output
+  and the norms (the formulas of the C++ kernels), and gathers weight x
+  neighbour into its own gradient tile: no atomics, deterministic.
+Operands are read in place through their strides (4-D maps or 5-D clip views);
+offsets are computed in 64 bits.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .._ops import volume_shape
+
+MODE_A, MODE_B, MODE_SELF = 0, 1, 2
+
+# The deterministic default configuration (used when autotuning is off) first.
+CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
+    triton.Config({"BLOCK_P": 256, "BLOCK_C": 8}, num_warps=8),
+]
+
+
+@triton.jit
+def _image_offset(n, inner, outer, batch):
+    n = n.to(tl.int64)
+    return (n // inner) * outer + (n % inner) * batch
+
+
+@triton.jit
+def _inverse_norm_kernel(x_ptr, inv_ptr, pass_ptr, C, H, W, inner, outer, batch, sc, sy, sx,
+                         eps, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                         ACC: tl.constexpr):
+    pid, n = tl.program_id(0), tl.program_id(1)
+    hw = H * W
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < hw
+    y, x = p // W, p % W
+    off = _image_offset(n, inner, outer, batch) + y.to(tl.int64) * sy + x.to(tl.int64) * sx
+    total = tl.zeros([BLOCK_P], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(x_ptr + off[None, :] + c[:, None].to(tl.int64) * sc,
+                    mask=(c < C)[:, None] & p_ok[None, :], other=0.0).to(ACC)
+        total += tl.sum(v * v, axis=0)
+    norm = tl.sqrt(total)
+    dst = n.to(tl.int64) * hw + p
+    tl.store(inv_ptr + dst, 1.0 / tl.maximum(norm, eps), mask=p_ok)
+    tl.store(pass_ptr + dst, (norm >= eps).to(ACC), mask=p_ok)
+
+
+@triton.jit
+def _local_correlation_fwd_kernel(
+        a_ptr, b_ptr, out_ptr, inv_a_ptr, inv_b_ptr, C, H, W, K, dilation,
+        a_inner, a_outer, a_batch, a_sc, a_sy, a_sx,
+        b_inner, b_outer, b_batch, b_sc, b_sy, b_sx,
+        NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr):
+    pid, k, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < hw
+    y, x = p // W, p % W
+    yq = y + (k // K - K // 2) * dilation
+    xq = x + (k % K - K // 2) * dilation
+    q_ok = p_ok & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+    a_off = (_image_offset(n, a_inner, a_outer, a_batch) + y.to(tl.int64) * a_sy
+             + x.to(tl.int64) * a_sx)
+    b_off = (_image_offset(n, b_inner, b_outer, b_batch) + yq.to(tl.int64) * b_sy
+             + xq.to(tl.int64) * b_sx)
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        c_ok = (c < C)[:, None]
+        av = tl.load(a_ptr + a_off[None, :] + c[:, None] * a_sc, mask=c_ok & p_ok[None, :],
+                     other=0.0).to(ACC)
+        bv = tl.load(b_ptr + b_off[None, :] + c[:, None] * b_sc, mask=c_ok & q_ok[None, :],
+                     other=0.0).to(ACC)
+        acc += tl.sum(av * bv, axis=0)
+    base = n.to(tl.int64) * hw
+    if NORMALIZE:
+        acc = (acc * tl.load(inv_a_ptr + base + p, mask=p_ok, other=0.0)
+               * tl.load(inv_b_ptr + base + yq * W + xq, mask=q_ok, other=0.0))
+    acc = tl.where(q_ok, acc, 0.0)
+    dst = (n.to(tl.int64) * K * K + k) * hw + p
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=p_ok)
+
+
+@triton.jit
+def _local_correlation_bwd_kernel(
+        grad_out_ptr, out_ptr, other_ptr, own_ptr, inv_own_ptr, pass_own_ptr, inv_other_ptr,
+        grad_ptr, C, H, W, K, dilation,
+        g_inner, g_outer, g_batch, g_sc, g_sy, g_sx,
+        o_inner, o_outer, o_batch, o_sc, o_sy, o_sx,
+        x_inner, x_outer, x_batch, x_sc, x_sy, x_sx,
+        y_inner, y_outer, y_batch, y_sc, y_sy, y_sx,
+        MODE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """grad[c, p] = scale_p * sum_k w[k, p] other[c, p + d_k] - shift_p own[c, p]:
+    MODE_A (grad of a): w = g[p, k] rb_q; MODE_B (grad of b): w = g[q, mirror(k)] ra_q;
+    MODE_SELF: w = (g[p, k] + g[q, mirror(k)]) r_q; shift = pass_p r_p^2 sum_k G out."""
+    pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    kk = K * K
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < hw
+    y, x = p // W, p % W
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = c < C
+    g_img = _image_offset(n, g_inner, g_outer, g_batch)
+    o_img = _image_offset(n, o_inner, o_outer, o_batch)
+    x_img = _image_offset(n, x_inner, x_outer, x_batch)
+    base = n.to(tl.int64) * hw
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    csum = tl.zeros([BLOCK_P], dtype=ACC)
+    for k in range(0, kk):
+        yq = y + (k // K - K // 2) * dilation
+        xq = x + (k % K - K // 2) * dilation
+        q_ok = p_ok & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+        yq64, xq64 = yq.to(tl.int64), xq.to(tl.int64)
+        if MODE == 1:  # the output at q whose mirrored offset points back at p
+            g_at = g_img + (kk - 1 - k) * g_sc + yq64 * g_sy + xq64 * g_sx
+            o_at = o_img + (kk - 1 - k) * o_sc + yq64 * o_sy + xq64 * o_sx
+        else:
+            g_at = g_img + k * g_sc + y.to(tl.int64) * g_sy + x.to(tl.int64) * g_sx
+            o_at = o_img + k * o_sc + y.to(tl.int64) * o_sy + x.to(tl.int64) * o_sx
+        gv = tl.load(grad_out_ptr + g_at, mask=q_ok, other=0.0).to(ACC)
+        if MODE == 2:
+            g_mirror = g_img + (kk - 1 - k) * g_sc + yq64 * g_sy + xq64 * g_sx
+            gv += tl.load(grad_out_ptr + g_mirror, mask=q_ok, other=0.0).to(ACC)
+        csum += gv * tl.load(out_ptr + o_at, mask=q_ok, other=0.0).to(ACC)
+        w = gv
+        if NORMALIZE:
+            w = gv * tl.load(inv_other_ptr + base + yq * W + xq, mask=q_ok, other=0.0)
+        xv = tl.load(other_ptr + x_img + c[:, None] * x_sc + (yq64 * x_sy + xq64 * x_sx)[None, :],
+                     mask=c_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
+        total += w[None, :] * xv
+    own_at = (_image_offset(n, y_inner, y_outer, y_batch) + c[:, None] * y_sc
+              + (y.to(tl.int64) * y_sy + x.to(tl.int64) * y_sx)[None, :])
+    tile_ok = c_ok[:, None] & p_ok[None, :]
+    if NORMALIZE:
+        inv = tl.load(inv_own_ptr + base + p, mask=p_ok, other=0.0)
+        shift = tl.load(pass_own_ptr + base + p, mask=p_ok, other=0.0) * inv * inv * csum
+        own = tl.load(own_ptr + own_at, mask=tile_ok, other=0.0).to(ACC)
+        total = inv[None, :] * total - shift[None, :] * own
+    dst = (n.to(tl.int64) * C + c[:, None]) * hw + p[None, :]
+    tl.store(grad_ptr + dst, total.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def autotune_enabled():
+    """Autotuning picks a configuration per shape on first use; the summation
+    order (BLOCK_C) then depends on that choice, so STCCL_TRITON_AUTOTUNE=0
+    fixes the first configuration for results reproducible across processes.
+    The interpreter never autotunes."""
+    return (os.environ.get("STCCL_TRITON_AUTOTUNE", "1") != "0"
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+_TUNED = {}
+
+
+def _kernel(fn):
+    """(kernel, launch kwargs): autotuned over CONFIGS keyed on the shape, or
+    fn with the default configuration."""
+    if not autotune_enabled():
+        default = CONFIGS[0]
+        return fn, dict(default.kwargs, num_warps=default.num_warps)
+    if fn not in _TUNED:
+        _TUNED[fn] = triton.autotune(configs=CONFIGS, key=["C", "H", "W", "K"])(fn)
+    return _TUNED[fn], {}
+
+
+def acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def strides6(t):
+    """(inner, outer, batch, c, y, x) strides of a 4-D map or a 5-D clip view."""
+    s = t.stride()
+    if t.dim() == 5:
+        return (max(t.shape[1], 1), s[0], s[1], s[2], s[3], s[4])
+    return (1, s[0], 0, s[1], s[2], s[3])
+
+
+def dims(t):
+    n = t.shape[0] * t.shape[1] if t.dim() == 5 else t.shape[0]
+    return n, t.shape[-3], t.shape[-2], t.shape[-1]
+
+
+def inverse_norms(t, eps):
+    """(inv, pass): 1 / max(||t[n, :, p]||, eps) and ||t|| >= eps, per pixel."""
+    N, C, H, W = dims(t)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    inv = torch.empty(N, H, W, dtype=acc, device=t.device)
+    passes = torch.empty_like(inv)
+    grid = (triton.cdiv(H * W, 128), N)
+    wrap_triton(_inverse_norm_kernel)[grid](
+        t, inv, passes, C, H, W, *strides6(t), eps, BLOCK_P=128, BLOCK_C=16,
+        ACC=acc_dtype(t.dtype))
+    return inv, passes
+
+
+@triton_op("stccl_ops::triton_local_correlation", mutates_args=())
+def triton_local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int, dilation: int,
+                             normalize: bool, eps: float) -> torch.Tensor:
+    out = a.new_empty(volume_shape(a.shape, kernel_size))
+    N, C, H, W = dims(a)
+    if out.numel() == 0:
+        return out
+    inv_a = inv_b = out  # placeholders, unread in raw mode
+    if normalize:
+        inv_a, _ = inverse_norms(a, eps)
+        inv_b = inv_a if b is a else inverse_norms(b, eps)[0]
+    kernel, launch = _kernel(_local_correlation_fwd_kernel)
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), kernel_size ** 2, N)  # noqa: E731
+    wrap_triton(kernel)[grid](
+        a, b, out, inv_a, inv_b, C, H, W, kernel_size, dilation, *strides6(a), *strides6(b),
+        NORMALIZE=normalize, ACC=acc_dtype(a.dtype), **launch)
+    return out
+
+
+def _gradient(grad_out, out, other, own, norms_own, inv_other, mode, kernel_size, dilation,
+              normalize):
+    grad = torch.empty(own.shape, dtype=own.dtype, device=own.device)
+    N, C, H, W = dims(own)
+    if grad.numel() == 0:
+        return grad
+    inv_own, pass_own = norms_own if normalize else (grad, grad)
+    kernel, launch = _kernel(_local_correlation_bwd_kernel)
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
+                         triton.cdiv(C, meta["BLOCK_C"]), N)
+    wrap_triton(kernel)[grid](
+        grad_out, out, other, own, inv_own, pass_own, inv_other if normalize else grad, grad,
+        C, H, W, kernel_size, dilation, *strides6(grad_out), *strides6(out), *strides6(other),
+        *strides6(own), MODE=mode, NORMALIZE=normalize, ACC=acc_dtype(own.dtype), **launch)
+    return grad
+
+
+@triton_op("stccl_ops::triton_local_correlation_backward", mutates_args=())
+def triton_local_correlation_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                                      out: torch.Tensor, kernel_size: int, dilation: int,
+                                      normalize: bool, eps: float, need_grad_a: bool,
+                                      need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    norms_a = inverse_norms(a, eps) if normalize else None
+    norms_b = inverse_norms(b, eps) if normalize else None
+    inv_a = norms_a[0] if normalize else None
+    inv_b = norms_b[0] if normalize else None
+    window = (kernel_size, dilation, normalize)
+    # Both results are tensors (the schema has no optional returns): an
+    # unneeded gradient is an empty tensor, mapped to None by the autograd glue.
+    grad_a = (_gradient(grad_out, out, b, a, norms_a, inv_b, MODE_A, *window) if need_grad_a
+              else a.new_empty(0))
+    grad_b = (_gradient(grad_out, out, a, b, norms_b, inv_a, MODE_B, *window) if need_grad_b
+              else b.new_empty(0))
+    return grad_a, grad_b
+
+
+@triton_op("stccl_ops::triton_self_correlation", mutates_args=())
+def triton_self_correlation(x: torch.Tensor, kernel_size: int, dilation: int, normalize: bool,
+                            eps: float) -> torch.Tensor:
+    return triton_local_correlation(x, x, kernel_size, dilation, normalize, eps)
+
+
+@triton_op("stccl_ops::triton_self_correlation_backward", mutates_args=())
+def triton_self_correlation_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                                     kernel_size: int, dilation: int, normalize: bool,
+                                     eps: float) -> torch.Tensor:
+    norms = inverse_norms(x, eps) if normalize else None
+    return _gradient(grad_out, out, x, x, norms, norms[0] if normalize else None, MODE_SELF,
+                     kernel_size, dilation, normalize)
