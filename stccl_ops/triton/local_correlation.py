@@ -38,8 +38,10 @@ CONFIGS = [
 
 @triton.jit
 def _image_offset(n, inner, outer, batch):
-    n = n.to(tl.int64)
-    return (n // inner) * outer + (n % inner) * batch
+    # n (a program id) and inner are image counts: 32-bit division (a 64-bit
+    # one is a function call on GPUs), 64-bit offsets.
+    i = inner.to(tl.int32)
+    return (n // i).to(tl.int64) * outer + (n % i).to(tl.int64) * batch
 
 
 @triton.jit

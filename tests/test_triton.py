@@ -1,0 +1,193 @@
+"""The Triton backend: kernels run in Triton's interpreter on CPU tensors
+against the reference, and compile ahead of time to sm_80 and sm_90 cubins
+without spills. (On a GPU machine the GPU tests in test_cuda.py run them for
+real.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stccl_ops
+from stccl_ops import reference
+
+from helpers import DTYPES, assert_close, grads, leaf, samples
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRETED = pytest.mark.skipif(
+    "triton" not in stccl_ops.available_backends("cpu"),
+    reason="the Triton interpreter is not active (TRITON_INTERPRET=1 and no GPU)")
+
+
+def rand(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+@INTERPRETED
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,dilation", [(1, 1), (3, 1), (3, 2), (5, 1), (5, 3), (7, 1)])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "raw"])
+def test_interpreted_forward_backward(dtype, K, dilation, normalize):
+    a, b = leaf(rand((2, 5, 7, 9), dtype, K)), leaf(rand((2, 5, 7, 9), dtype, K + 1))
+    g = rand((2, K * K, 7, 9), dtype, 2)
+    window = (K, dilation, normalize, 1e-8)
+    out, got = grads(lambda x, y: stccl_ops.local_correlation(x, y, *window, backend="triton"),
+                     (a, b), g)
+    ref, want = grads(lambda x, y: reference.local_correlation(x, y, *window), (a, b), g)
+    assert_close(out, ref)
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, "grad")
+    out, (gx,) = grads(lambda x: stccl_ops.spatial_correlation(x, *window, backend="triton"),
+                       (a,), g)
+    ref, (rx,) = grads(lambda x: reference.spatial_correlation(x, *window), (a,), g)
+    assert_close(out, ref)
+    assert_close(gx, rx, "grad")
+
+
+@INTERPRETED
+@pytest.mark.parametrize("sample", samples(), ids=lambda s: s.name)
+@pytest.mark.parametrize("which", ["both", "a", "b"])
+def test_interpreted_samples(sample, which):
+    a = leaf(sample.a, which in ("both", "a"))
+    b = leaf(sample.b, which in ("both", "b"))
+    K = sample.kernel_size
+    g = rand((a.shape[0], K * K, *a.shape[2:]), a.dtype, 3)
+    out, got = grads(
+        lambda x, y: stccl_ops.local_correlation(x, y, *sample.window, backend="triton"), (a, b), g)
+    ref, want = grads(lambda x, y: reference.local_correlation(x, y, *sample.window), (a, b), g)
+    assert_close(out, ref)
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, "grad")
+
+
+@INTERPRETED
+def test_interpreted_edges_and_clips():
+    for shape in [(0, 3, 4, 4), (2, 0, 3, 3), (1, 2, 0, 5)]:
+        a, b = leaf(torch.randn(shape)), leaf(torch.randn(shape))
+        out = stccl_ops.local_correlation(a, b, 3, backend="triton")
+        assert out.shape == (shape[0], 9, *shape[2:]) and (out == 0).all()
+        out.sum().backward()
+        assert a.grad.shape == a.shape
+    z = torch.randn(1, 3, 5, 5)
+    z[:, :, 2:, 1:3] = 0
+    z = leaf(z)
+    out = stccl_ops.spatial_correlation(z, 3, backend="triton")
+    assert_close(out, reference.spatial_correlation(z, 3))
+    out.sum().backward()
+    assert torch.isfinite(z.grad).all()
+    v = leaf(torch.randn(2, 4, 3, 5, 6, dtype=torch.float64))
+    st = stccl_ops.spatiotemporal_correlation(v, 3, temporal_kernel_size=3, frame_stride=2,
+                                              backend="triton")
+    assert_close(st.spatial, reference.spatial_correlation(v, 3))
+    assert_close(st.temporal, reference.temporal_correlation(v, 3, frame_stride=2))
+    assert torch.autograd.gradcheck(
+        lambda x: stccl_ops.temporal_correlation(x, 3, backend="triton"), (v[:1, :2, :2],))
+
+
+@INTERPRETED
+def test_interpreted_function_drop_in_and_determinism():
+    a, b = leaf(torch.randn(1, 6, 8, 9)), leaf(torch.randn(1, 6, 8, 9))
+    g = torch.randn(1, 25, 8, 9)
+    first = grads(lambda x, y: stccl_ops.LocalCorrelationFunction.apply(
+        x, y, 5, 1, True, 1e-8, "triton"), (a, b), g)
+    second = grads(lambda x, y: stccl_ops.local_correlation(x, y, 5, backend="triton"), (a, b), g)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(p, q) for p, q in zip(first[1], second[1]))
+
+
+AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, glob
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from stccl_ops.triton import local_correlation as m
+
+cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                   "bin", "cuobjdump"))[0]
+PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
+ACC = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
+ACC_PTR = {"fp16": "*fp32", "bf16": "*fp32", "fp32": "*fp32", "fp64": "*fp64"}
+
+def signature(fn, pointers, acc_pointers, ints):
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if i in fn.constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = acc_pointers if name.startswith(("inv", "pass")) else pointers
+        elif name == "eps":
+            sig[name] = "fp32"
+        else:
+            sig[name] = ints
+    return sig
+
+def compile_one(fn, dtype, cc, consts, num_warps, ints="i32"):
+    sig = signature(fn, PTR[dtype], ACC_PTR[dtype], ints)
+    src = ASTSource(fn, sig, constexprs=dict(consts, ACC=ACC[dtype]))
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    path = f"/tmp/stccl_aot_{os.getpid()}.cubin"
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    os.remove(path)
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
+    return {"kernel": fn.__name__, "dtype": dtype, "cc": cc, "ints": ints,
+            "consts": {k: str(v) for k, v in consts.items()},
+            "regs": int(usage["REG"]), "local": int(usage["LOCAL"]), "stack": int(usage["STACK"]),
+            "shared": k.metadata.shared}
+
+results = []
+for cc in (80, 90):
+    for dtype in PTR:
+        for cfg in m.CONFIGS:
+            for normalize in (True, False):
+                consts = dict(cfg.kwargs, NORMALIZE=normalize)
+                results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc, consts, cfg.num_warps))
+                for mode in (m.MODE_A, m.MODE_B, m.MODE_SELF):
+                    results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
+                                               dict(consts, MODE=mode), cfg.num_warps))
+        results.append(compile_one(m._inverse_norm_kernel, dtype, cc,
+                                   {"BLOCK_P": 128, "BLOCK_C": 16}, 4))
+        # sizes or strides past 2^31: the JIT passes them as 64-bit integers
+        cfg = m.CONFIGS[0]
+        results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc,
+                                   dict(cfg.kwargs, NORMALIZE=True), cfg.num_warps, "i64"))
+        results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
+                                   dict(cfg.kwargs, NORMALIZE=True, MODE=m.MODE_SELF),
+                                   cfg.num_warps, "i64"))
+print(json.dumps(results))
+"""
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_ahead_of_time_compile_for_sm80_and_sm90():
+    """Every kernel, every autotune configuration, every dtype and mode."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * 4 * (len(stccl_ops.triton.kernels.CONFIGS) * 2 * 4 + 3)
+    for r in results:
+        assert r["local"] == 0, f"spills: {r}"
+        # 64-bit sizes turn the pixel divisions into calls, which take a stack
+        # frame (not spills); the usual 32-bit sizes take none.
+        assert r["stack"] == 0 or r["ints"] == "i64", f"stack frame: {r}"
+        assert r["shared"] <= SHARED_LIMIT[r["cc"]], r
+        assert r["regs"] <= 255, r
+    worst = max(results, key=lambda r: r["regs"])
+    print(f"\n{len(results)} cubins, no spills; most registers: {worst}")
