@@ -174,7 +174,8 @@ def test_imports_without_the_extension():
     code = (
         "import sys; sys.modules['stccl_ops._C'] = None\n"
         "import torch, stccl_ops\n"
-        "assert stccl_ops.available_backends() == ['reference'], stccl_ops.available_backends()\n"
+        "backends = stccl_ops.available_backends()\n"
+        "assert 'reference' in backends and 'cpp' not in backends, backends\n"
         "assert stccl_ops.build_info()['extension'] is False\n"
         "x = torch.randn(1, 2, 4, 4)\n"
         "import warnings\n"
