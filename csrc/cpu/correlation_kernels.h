@@ -106,20 +106,18 @@ struct Layout {
   int64_t tasks() const { return N * bands; }
 };
 
-// Per-thread scratch, allocated once per parallel range.
+// Per-thread scratch of the forward pass, allocated once per parallel range.
 template <typename acc_t>
 struct Workspace {
-  std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b, scale, shift;
+  std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b;
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.band_rows * L.Wv),
         b_stage(L.chunk * L.rows_b * L.WB),
-        acc(std::max(L.band_rows * L.KK * L.Wv, L.chunk * L.band_rows * L.Wv)),
+        acc(L.band_rows * L.KK * L.Wv),
         sum_a(L.band_rows * L.Wv),
         sum_b(L.rows_b * L.WB),
         inv_a(L.Wv),
-        inv_b(L.rows_b * L.WB),
-        scale(L.band_rows * L.Wv),
-        shift(L.band_rows * L.Wv) {}
+        inv_b(L.rows_b * L.WB) {}
 };
 
 // Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
@@ -221,6 +219,30 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
     vec s = load(dst);
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) s += wv[j] * load(x + j * dil);
+    store(dst, s);
+  }
+}
+
+// For windows of up to 3 x 3: dst[cc] = sum over the whole window of
+// w[i][j] * x[cc][i * dil rows + j * dil], all K*K weights in registers, so
+// each channel's sum is stored once instead of loaded and stored per row.
+template <int KW, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const acc_t* x,
+                                       int64_t x_cstride, int64_t x_rstride, int64_t dil_rt,
+                                       int64_t count, acc_t* dst, int64_t dst_cstride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec wv[KW * KW];
+#pragma GCC unroll 16
+  for (int k = 0; k < KW * KW; ++k) wv[k] = load(w + k * w_stride);
+  for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
+    vec s = {};
+#pragma GCC unroll 16
+    for (int i = 0; i < KW; ++i) {
+      const acc_t* row = x + i * dil * x_rstride;
+#pragma GCC unroll 16
+      for (int j = 0; j < KW; ++j) s += wv[i * KW + j] * load(row + j * dil);
+    }
     store(dst, s);
   }
 }
@@ -356,38 +378,82 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   }
 }
 
+// Per-thread scratch of the backward pass (rows are the band with its halo).
+template <typename acc_t>
+struct BackwardWorkspace {
+  std::vector<acc_t> a_stage, b_stage;             // [chunk][rows_b][WB]
+  std::vector<acc_t> inv_a, pass_a, inv_b, pass_b;  // [rows_b][WB]
+  std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
+  std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
+  std::vector<acc_t> dst_a, dst_b;                 // [chunk][band_rows][Wv]
+  explicit BackwardWorkspace(const Layout<acc_t>& L)
+      : a_stage(L.chunk * L.rows_b * L.WB), b_stage(a_stage.size()),
+        inv_a(L.rows_b * L.WB), pass_a(inv_a.size()), inv_b(inv_a.size()), pass_b(inv_a.size()),
+        w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
+        scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
+        shift_b(scale_a.size()),
+        dst_a(L.chunk * L.band_rows * L.Wv), dst_b(dst_a.size()) {}
+};
+
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   Operand<scalar_t> grad_out, out;  // (N, K*K, H, W)
-  Operand<scalar_t> other;          // the operand gathered over the window
-  Operand<scalar_t> own;            // the operand whose gradient this is
-  const acc_t* inv_own;             // (N, H, W) inverse norms; null in raw mode
-  const acc_t* pass_own;            // (N, H, W) 1 where ||v|| >= eps, else 0
-  const acc_t* inv_other;           // (N, H, W) inverse norms of `other`
-  scalar_t* grad;                   // contiguous (N, C, H, W)
-  enum Mode { GRAD_A, GRAD_B, GRAD_SELF } mode;
+  Operand<scalar_t> a, b;           // b unused for a self-correlation
+  scalar_t* grad_a;                 // contiguous (N, C, H, W), or null when not needed
+  scalar_t* grad_b;                 // (for a self-correlation: null; grad_a is grad_x)
+  bool normalize, self;
+  acc_t eps;
 };
 
-// The weight w[k][p] of other[p + d_k] in the gradient at p, and the scalar
-// c[p] of the projection term, for one band. With â = a * ra:
+// Inverse norms and clamp masks of one operand over the band and its halo,
+// [rows_b][WB], 0 outside the image (raw mode: 1 inside, mask 0). Reads the
+// band's rows of every channel; the channel loop after it finds them in cache.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, const BackwardArgs<scalar_t, acc_t>& args,
+                                    const Layout<acc_t>& L, int64_t n, int64_t y0, int64_t rows_b,
+                                    acc_t* scratch, acc_t* inv, acc_t* pass) {
+  const int64_t pad = L.pad, WB = L.WB;
+  std::fill_n(inv, rows_b * WB, acc_t(0));
+  if (args.normalize) {
+    for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
+      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.rows_b, pad, WB,
+                 scratch, inv);
+  }
+  for (int64_t row = 0; row < rows_b; ++row) {
+    for (int64_t xp = 0; xp < WB; ++xp) {
+      const int64_t i = row * WB + xp;
+      const bool inside = in_image(y0 - pad + row, xp - pad, L.H, L.W);
+      const acc_t sum_sq = inv[i];
+      inv[i] = !inside ? acc_t(0) : args.normalize ? inverse_norm(sum_sq, args.eps) : acc_t(1);
+      pass[i] = inside && args.normalize && norm_passes_clamp(sum_sq, args.eps) ? acc_t(1)
+                                                                                : acc_t(0);
+    }
+  }
+}
+
+enum class GradMode { A, B, Self };
+
+// The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
+// scale and shift, for one band. With â = a * ra:
 //   grad_a[p] = ra_p sum_k g[p,k] rb_q b_q - pass_p ra_p^2 c_p a_p,
 //               q = p + d_k, c_p = sum_k g[p,k] out[p,k];
 //   grad_b[p] gathers the outputs o = p + d_k whose offset mirror(k) lands on
 //               p, with weights g[o,mirror(k)] ra_o;
 //   self:       G[p,k] = g[p,k] + g[q,mirror(k)] (the two roles of x).
-// The result is grad[p] = scale_p * sum_k w[k][p] other[p + d_k] - shift_p own_p.
+// So grad[p] = scale_p * sum_k w[k][p] other[p + d_k] - shift_p own_p. The
+// norms are the band's halo arrays of halo_norms.
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void backward_weights(const BackwardArgs<scalar_t, acc_t>& args,
-                                          const Layout<acc_t>& L, int64_t n, int64_t y0,
-                                          int64_t rows, Workspace<acc_t>& ws) {
-  const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv;
-  const bool cosine = args.inv_own != nullptr;
+STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& args,
+                                          const Layout<acc_t>& L, GradMode mode, int64_t n,
+                                          int64_t y0, int64_t rows, const acc_t* inv_own,
+                                          const acc_t* pass_own, const acc_t* inv_other,
+                                          acc_t* w, acc_t* scale, acc_t* shift) {
+  const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv, WB = L.WB, pad = L.pad;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
-  acc_t* w = ws.acc.data();
   std::fill_n(w, rows * KK * Wv, acc_t(0));
   for (int64_t rr = 0; rr < rows; ++rr) {
     const int64_t y = y0 + rr;
-    acc_t* csum = ws.shift.data() + rr * Wv;
+    acc_t* csum = shift + rr * Wv;
     std::fill_n(csum, Wv, acc_t(0));
     for (int64_t k = 0; k < KK; ++k) {
       const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);
@@ -395,90 +461,139 @@ STCCL_ALWAYS_INLINE void backward_weights(const BackwardArgs<scalar_t, acc_t>& a
       if (yq < 0 || yq >= H) continue;
       const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(W, W - dx);
       acc_t* wk = w + (rr * KK + k) * Wv;
-      const acc_t* inv_q = cosine ? args.inv_other + (n * H + yq) * W + dx : nullptr;
-      if (args.mode == BackwardArgs<scalar_t, acc_t>::GRAD_B) {
+      const acc_t* inv_q = inv_other + (rr + pad + dy) * WB + pad + dx;
+      if (mode == GradMode::B) {
         // The output at o = p + d_k whose offset mirror(k) points back at p.
         const int64_t km = mirror_offset(k, K);
         const scalar_t* g = args.grad_out.row(n, km, yq) + dx * gx;
         const scalar_t* o = args.out.row(n, km, yq) + dx * ox;
         for (int64_t x = x_lo; x < x_hi; ++x) {
           const acc_t gv = static_cast<acc_t>(g[x * gx]);
-          wk[x] = cosine ? gv * inv_q[x] : gv;
+          wk[x] = gv * inv_q[x];
           csum[x] += gv * static_cast<acc_t>(o[x * ox]);
         }
       } else {
         const scalar_t* g = args.grad_out.row(n, k, y);
         const scalar_t* o = args.out.row(n, k, y);
-        const scalar_t* g_mirror = nullptr;
-        if (args.mode == BackwardArgs<scalar_t, acc_t>::GRAD_SELF)
-          g_mirror = args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx;
+        const scalar_t* g_mirror = mode == GradMode::Self
+                                       ? args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx
+                                       : nullptr;
         for (int64_t x = x_lo; x < x_hi; ++x) {
           acc_t gv = static_cast<acc_t>(g[x * gx]);
           if (g_mirror) gv += static_cast<acc_t>(g_mirror[x * gx]);
-          wk[x] = cosine ? gv * inv_q[x] : gv;
+          wk[x] = gv * inv_q[x];
           csum[x] += gv * static_cast<acc_t>(o[x * ox]);
         }
       }
     }
-    acc_t* scale = ws.scale.data() + rr * Wv;
+    const acc_t* inv_p = inv_own + (rr + pad) * WB + pad;
+    const acc_t* pass_p = pass_own + (rr + pad) * WB + pad;
     for (int64_t x = 0; x < W; ++x) {
-      if (cosine) {
-        const acc_t inv = args.inv_own[(n * H + y) * W + x];
-        scale[x] = inv;
-        csum[x] *= args.pass_own[(n * H + y) * W + x] * inv * inv;
-      } else {
-        scale[x] = 1;
-        csum[x] = 0;
-      }
+      scale[rr * Wv + x] = inv_p[x];
+      csum[x] *= pass_p[x] * inv_p[x] * inv_p[x];  // 0 in raw mode (pass = 0)
     }
   }
 }
 
-// One band of a gradient: grad[p] = scale_p * sum_k w[k][p] other[p + d_k]
-// - shift_p * own_p, gathered per output pixel (no atomics).
-template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args,
-                                       const Layout<acc_t>& L, int64_t task,
-                                       Workspace<acc_t>& ws) {
+// dst[cc][rr] += sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
+                                      const acc_t* w, const acc_t* other_stage, acc_t* dst) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
-  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
-  const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
-  backward_weights(args, L, n, y0, rows, ws);
-  const acc_t* w = ws.acc.data();
-  acc_t* x_stage = ws.b_stage.data();
-  acc_t* dst = ws.a_stage.data();
-  const int64_t ox = args.own.strides.x;
-  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
-    const int64_t count = std::min(L.chunk, L.C - c0);
-    stage_rows(args.other, L, n, c0, count, y0 - pad, rows_b, L.rows_b, pad, WB, x_stage,
-               static_cast<acc_t*>(nullptr));
-    std::fill_n(dst, count * rows * Wv, acc_t(0));
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  if (K <= 3) {
     STCCL_WITH_DILATION(d, {
       for (int64_t rr = 0; rr < rows; ++rr) {
-        for (int64_t i = 0; i < K; ++i) {
-          for (int64_t xb = 0; xb < Wv; xb += V) {
-            const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
-            const acc_t* x_vec = x_stage + (rr + i * d) * WB + xb;
-            STCCL_BLOCKED(gather_block, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
-                          L.rows_b * WB, d, count, dst + rr * Wv + xb, rows * Wv);
-          }
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* w_vec = w + rr * KK * Wv + xb;
+          const acc_t* x_vec = other_stage + rr * WB + xb;
+          acc_t* d_vec = dst + rr * Wv + xb;
+          if (K == 3)
+            gather_window<3, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv);
+          else
+            gather_window<1, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv);
         }
       }
     });
-    const scalar_t* own_image = args.own.row(n, 0, 0);
-    for (int64_t cc = 0; cc < count; ++cc) {
-      prefetch_ahead(args.own, L, c0 + cc, own_image + (c0 + cc) * args.own.strides.c, y0, rows);
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        const acc_t* s = dst + (cc * rows + rr) * Wv;
-        const acc_t* scale = ws.scale.data() + rr * Wv;
-        const acc_t* shift = ws.shift.data() + rr * Wv;
-        const scalar_t* own = args.own.row(n, c0 + cc, y0 + rr);
-        scalar_t* g = args.grad + ((n * L.C + c0 + cc) * L.H + y0 + rr) * L.W;
-        for (int64_t x = 0; x < L.W; ++x)
-          g[x] = static_cast<scalar_t>(scale[x] * s[x] -
-                                       shift[x] * static_cast<acc_t>(own[x * ox]));
+    return;
+  }
+  std::fill_n(dst, count * rows * Wv, acc_t(0));
+  STCCL_WITH_DILATION(d, {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
+          const acc_t* x_vec = other_stage + (rr + i * d) * WB + xb;
+          STCCL_BLOCKED(gather_block, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
+                        L.rows_b * WB, d, count, dst + rr * Wv + xb, rows * Wv);
+        }
       }
+    }
+  });
+}
+
+// grad[c][p] = scale_p * dst - shift_p * own_p, own from its staged rows.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
+                                        int64_t count, int64_t y0, int64_t rows,
+                                        const acc_t* dst, const acc_t* scale, const acc_t* shift,
+                                        const acc_t* own_stage, scalar_t* grad) {
+  for (int64_t cc = 0; cc < count; ++cc) {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      const acc_t* s = dst + (cc * rows + rr) * L.Wv;
+      const acc_t* own = own_stage + (cc * L.rows_b + rr + L.pad) * L.WB + L.pad;
+      const acc_t* sc = scale + rr * L.Wv;
+      const acc_t* sh = shift + rr * L.Wv;
+      scalar_t* g = grad + ((n * L.C + c0 + cc) * L.H + y0 + rr) * L.W;
+      for (int64_t x = 0; x < L.W; ++x) g[x] = static_cast<scalar_t>(sc[x] * s[x] - sh[x] * own[x]);
+    }
+  }
+}
+
+// One band of the backward pass: both gradients (or the self-correlation's)
+// from one pass. The band's rows of a and b (with the halo) are read from
+// memory once for the norms and found in cache by the channel loop, which
+// gathers per output pixel: no atomics.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args,
+                                       const Layout<acc_t>& L, int64_t task,
+                                       BackwardWorkspace<acc_t>& ws) {
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const bool two = !args.self;
+  acc_t* a_stage = ws.a_stage.data();
+  acc_t* b_stage = two ? ws.b_stage.data() : a_stage;
+  halo_norms(args.a, args, L, n, y0, rows_b, a_stage, ws.inv_a.data(), ws.pass_a.data());
+  const acc_t* inv_b = ws.inv_a.data();
+  const acc_t* pass_b = ws.pass_a.data();
+  if (two) {
+    halo_norms(args.b, args, L, n, y0, rows_b, b_stage, ws.inv_b.data(), ws.pass_b.data());
+    inv_b = ws.inv_b.data();
+    pass_b = ws.pass_b.data();
+  }
+  if (args.grad_a)
+    gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, ws.inv_a.data(),
+                     ws.pass_a.data(), inv_b, ws.w_a.data(), ws.scale_a.data(),
+                     ws.shift_a.data());
+  if (args.grad_b)
+    gradient_weights(args, L, GradMode::B, n, y0, rows, inv_b, pass_b, ws.inv_a.data(),
+                     ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    stage_rows(args.a, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, a_stage,
+               static_cast<acc_t*>(nullptr));
+    if (two)
+      stage_rows(args.b, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, b_stage,
+                 static_cast<acc_t*>(nullptr));
+    if (args.grad_a) {
+      gather_chunk(L, rows, count, ws.w_a.data(), b_stage, ws.dst_a.data());
+      write_gradient(L, n, c0, count, y0, rows, ws.dst_a.data(), ws.scale_a.data(),
+                     ws.shift_a.data(), a_stage, args.grad_a);
+    }
+    if (args.grad_b) {
+      gather_chunk(L, rows, count, ws.w_b.data(), a_stage, ws.dst_b.data());
+      write_gradient(L, n, c0, count, y0, rows, ws.dst_b.data(), ws.scale_b.data(),
+                     ws.shift_b.data(), b_stage, args.grad_b);
     }
   }
 }

@@ -31,7 +31,7 @@ void forward_band_generic(const ForwardArgs<scalar_t, acc_t>& args, const Layout
 
 template <typename scalar_t, typename acc_t>
 void backward_band_generic(const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L,
-                           int64_t task, Workspace<acc_t>& ws) {
+                           int64_t task, BackwardWorkspace<acc_t>& ws) {
   backward_band(args, L, task, ws);
 }
 
@@ -49,7 +49,7 @@ __attribute__((target("avx2,fma"))) void forward_band_avx2(
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void backward_band_avx2(
     const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
-    Workspace<acc_t>& ws) {
+    BackwardWorkspace<acc_t>& ws) {
   backward_band(args, L, task, ws);
 }
 #define STCCL_PICK(name) (use_avx2() ? &name##_avx2<scalar_t, acc_t> : &name##_generic<scalar_t, acc_t>)
@@ -59,53 +59,11 @@ __attribute__((target("avx2,fma"))) void backward_band_avx2(
 
 // Runs every band task; each thread gets a contiguous range of tasks (so
 // neighbouring bands share cached halo rows) and one workspace.
-template <typename Args, typename acc_t, typename Fn>
+template <typename WS, typename Args, typename acc_t, typename Fn>
 void run_bands(const Layout<acc_t>& L, const Args& args, Fn band) {
   at::parallel_for(0, L.tasks(), 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(L);
+    WS ws(L);
     for (int64_t task = begin; task < end; ++task) band(args, L, task, ws);
-  });
-}
-
-// inv[n, y, x] = 1 / max(||v[n, :, y, x]||, eps) and pass = (||v|| >= eps).
-// A task sums NORM_ROWS rows of one image, so each channel is read as one
-// contiguous run of NORM_ROWS * W elements when rows are contiguous.
-constexpr int64_t NORM_ROWS = 16;
-
-template <typename scalar_t, typename acc_t>
-void inverse_norms(const Operand<scalar_t>& v, const Layout<acc_t>& L, acc_t eps, acc_t* inv,
-                   acc_t* pass) {
-  const int64_t blocks = (L.H + NORM_ROWS - 1) / NORM_ROWS;
-  at::parallel_for(0, L.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(NORM_ROWS * L.W);
-    const int64_t sx = v.strides.x;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks, y0 = (task % blocks) * NORM_ROWS;
-      const int64_t rows = std::min(NORM_ROWS, L.H - y0);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      const scalar_t* image = v.row(n, 0, 0);
-      for (int64_t c = 0; c < L.C; ++c) {
-        const scalar_t* channel = image + c * v.strides.c;
-        prefetch_ahead(v, L, c, channel, y0, rows);
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          const scalar_t* p = channel + (y0 + rr) * v.strides.y;
-          acc_t* s = sum.data() + rr * L.W;
-          if (sx == 1) {
-            for (int64_t x = 0; x < L.W; ++x) s[x] += static_cast<acc_t>(p[x]) * static_cast<acc_t>(p[x]);
-          } else {
-            for (int64_t x = 0; x < L.W; ++x) {
-              const acc_t e = static_cast<acc_t>(p[x * sx]);
-              s[x] += e * e;
-            }
-          }
-        }
-      }
-      const int64_t first = (n * L.H + y0) * L.W;
-      for (int64_t i = 0; i < rows * L.W; ++i) {
-        inv[first + i] = inverse_norm(sum[i], eps);
-        pass[first + i] = norm_passes_clamp(sum[i], eps) ? acc_t(1) : acc_t(0);
-      }
-    }
   });
 }
 
@@ -144,7 +102,7 @@ at::Tensor correlation_forward(const at::Tensor& a, const at::Tensor& b, int64_t
     const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
                                             out.mutable_data_ptr<scalar_t>(), normalize, self,
                                             static_cast<acc_t>(eps)};
-    run_bands(L, args, STCCL_PICK(forward_band));
+    run_bands<Workspace<acc_t>>(L, args, STCCL_PICK(forward_band));
     if (self) mirror_self_correlation(args.out, N, kernel_size, H, W, dilation);
   });
   return out;
@@ -166,8 +124,7 @@ at::Tensor self_correlation_cpu(const at::Tensor& x, int64_t kernel_size, int64_
   return correlation_forward(x, x, kernel_size, dilation, normalize, eps, /*self=*/true);
 }
 
-// Gradients of a and/or b (of x when self); the inverse norms are computed
-// once and shared by both.
+// Gradients of a and/or b (of x when self), both from one pass over the bands.
 std::tuple<at::Tensor, at::Tensor> correlation_backward(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
     int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_a, bool need_b,
@@ -179,39 +136,13 @@ std::tuple<at::Tensor, at::Tensor> correlation_backward(
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Args = BackwardArgs<scalar_t, acc_t>;
     const Layout<acc_t> L(N, C, H, W, kernel_size, dilation);
-    const auto oa = operand<scalar_t>(a), ob = operand<scalar_t>(b);
-    // Rows: inverse norm and clamp pass of a, then of b (the same rows for self).
-    at::Tensor norms;
-    acc_t *inv_a = nullptr, *pass_a = nullptr, *inv_b = nullptr, *pass_b = nullptr;
-    if (normalize) {
-      norms = at::empty({self ? 2 : 4, N * H * W}, a.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      acc_t* base = norms.mutable_data_ptr<acc_t>();
-      inv_a = base;
-      pass_a = base + N * H * W;
-      inverse_norms(oa, L, static_cast<acc_t>(eps), inv_a, pass_a);
-      if (self) {
-        inv_b = inv_a;
-        pass_b = pass_a;
-      } else {
-        inv_b = base + 2 * N * H * W;
-        pass_b = base + 3 * N * H * W;
-        inverse_norms(ob, L, static_cast<acc_t>(eps), inv_b, pass_b);
-      }
-    }
-    const auto og = operand<scalar_t>(grad_out), oo = operand<scalar_t>(out);
-    const auto band = STCCL_PICK(backward_band);
-    if (need_a) {
-      const Args args{og, oo, ob, oa, inv_a, pass_a, inv_b, grad_a.mutable_data_ptr<scalar_t>(),
-                      self ? Args::GRAD_SELF : Args::GRAD_A};
-      run_bands(L, args, band);
-    }
-    if (need_b) {
-      const Args args{og, oo, oa, ob, inv_b, pass_b, inv_a, grad_b.mutable_data_ptr<scalar_t>(),
-                      Args::GRAD_B};
-      run_bands(L, args, band);
-    }
+    const BackwardArgs<scalar_t, acc_t> args{
+        operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
+        operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+        need_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr, normalize, self,
+        static_cast<acc_t>(eps)};
+    run_bands<BackwardWorkspace<acc_t>>(L, args, STCCL_PICK(backward_band));
   });
   return {grad_a, grad_b};
 }
