@@ -31,10 +31,12 @@ namespace stccl::cpu {
 // A band holds enough rows that a channel's rows of it are one contiguous run
 // of about 1 KiB (ceil(256 / W) rows of floats), at least 4 and at most 16.
 constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 256;
-// Bytes of staged rows one chunk of channels may take: small enough to stay
-// in L1 while the window slides over them (the inner loop walks channels, so
-// every iteration touches new lines of the staged rows).
-constexpr int64_t STAGE_BYTES = 32 * 1024;
+// Channels staged per chunk: the inner loop walks the channels of a chunk for
+// each (row, window row, x vector), touching ROWS_IN_FLIGHT rows of each
+// channel, which must stay in L1 (STAGE_BYTES) while x sweeps the row. More
+// channels per chunk amortise the accumulator loads and stores; the whole
+// staged chunk lives in L2.
+constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 2, MAX_CHUNK = 32;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
@@ -100,8 +102,10 @@ struct Layout {
     Wv = (W + V - 1) / V * V;
     WB = Wv + 2 * pad;
     rows_b = band_rows + 2 * pad;
-    const int64_t per_channel = (rows_b * WB + band_rows * Wv) * int64_t(sizeof(acc_t));
-    chunk = std::max<int64_t>(1, std::min<int64_t>(C, STAGE_BYTES / per_channel));
+    // The inner loops sweep one staged row (plus one row of a) per channel.
+    const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
+    chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
+    chunk = std::min(chunk, MAX_CHUNK);
   }
   int64_t tasks() const { return N * bands; }
 };
