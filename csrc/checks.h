@@ -57,4 +57,17 @@ inline void check_volume(const at::Tensor& volume, const at::Tensor& operand, in
               "stccl_ops.", op, ": ", name, " must match the inputs' dtype and device");
 }
 
+inline void check_clip(const at::Tensor& v, int64_t frame_stride, const char* op) {
+  check_operand(v, op, "v");
+  TORCH_CHECK(v.dim() == 5, "stccl_ops.", op, ": v must be (B, T, C, H, W), got shape ", v.sizes());
+  TORCH_CHECK(frame_stride >= 1 && frame_stride < v.size(1), "stccl_ops.", op,
+              ": frame_stride must be in [1, T-1] = [1, ", v.size(1) - 1, "], got ", frame_stride);
+}
+
+// The two views a temporal correlation compares: frames [0, T-s) and [s, T).
+inline std::pair<at::Tensor, at::Tensor> frame_pairs(const at::Tensor& v, int64_t frame_stride) {
+  const int64_t T = v.size(1);
+  return {v.slice(1, 0, T - frame_stride), v.slice(1, frame_stride, T)};
+}
+
 }  // namespace stccl

@@ -24,6 +24,12 @@ TORCH_LIBRARY(stccl_ops, m) {
         "-> Tensor", any_layout);
   m.def("_self_correlation_backward(Tensor grad_out, Tensor x, Tensor out, int kernel_size, "
         "int dilation, bool normalize, float eps) -> Tensor", any_layout);
+  // Frame t of a clip v (B, T, C, H, W) against frame t + frame_stride:
+  // (B, T - frame_stride, K*K, H, W). Its backward returns the clip gradient.
+  m.def("temporal_correlation(Tensor v, int kernel_size, int dilation, bool normalize, float eps, "
+        "int frame_stride) -> Tensor", any_layout);
+  m.def("_temporal_correlation_backward(Tensor grad_out, Tensor v, Tensor out, int kernel_size, "
+        "int dilation, bool normalize, float eps, int frame_stride) -> Tensor", any_layout);
 }
 
 namespace {

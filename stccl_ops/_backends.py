@@ -37,6 +37,11 @@ class Backend:
     def self_correlation(self, x, kernel_size, dilation, normalize, eps):
         return self.self_forward_op(x, kernel_size, dilation, normalize, eps)
 
+    def temporal(self, v, kernel_size, dilation, normalize, eps, frame_stride):
+        """Frame t against t + frame_stride: the local correlation of two views."""
+        return self.local(v[:, :-frame_stride], v[:, frame_stride:], kernel_size, dilation,
+                          normalize, eps)
+
 
 class ReferenceBackend(Backend):
     name = "reference"
@@ -74,6 +79,11 @@ class ExtensionBackend(Backend):
         if self.name == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return super().unavailable(device)
+
+    def temporal(self, v, kernel_size, dilation, normalize, eps, frame_stride):
+        # One op whose backward writes the clip gradient directly.
+        return torch.ops.stccl_ops.temporal_correlation(v, kernel_size, dilation, normalize, eps,
+                                                        frame_stride)
 
     @property
     def forward_op(self):

@@ -60,6 +60,13 @@ def self_backward(ctx, grad_out):
     return (grad_x,) + (None,) * (ctx.num_inputs - 1)
 
 
+def temporal_backward(ctx, grad_out):
+    """Backward of temporal_correlation: the clip gradient in one op."""
+    v, out = ctx.saved_tensors
+    grad_v = torch.ops.stccl_ops._temporal_correlation_backward(grad_out, v, out, *ctx.window)
+    return (grad_v,) + (None,) * 5
+
+
 def save_local(ctx, a, b, out, window, backward_op, num_inputs):
     ctx.window, ctx.backward_op, ctx.num_inputs = window, backward_op, num_inputs
     if any(ctx.needs_input_grad[:2]):
@@ -93,6 +100,21 @@ def _register():
     def _(grad_out, x, out, kernel_size, dilation, normalize, eps):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("stccl_ops::temporal_correlation")
+    def _(v, kernel_size, dilation, normalize, eps, frame_stride):
+        B, T, C, H, W = v.shape
+        return v.new_empty(B, T - frame_stride, kernel_size * kernel_size, H, W)
+
+    @torch.library.register_fake("stccl_ops::_temporal_correlation_backward")
+    def _(grad_out, v, out, kernel_size, dilation, normalize, eps, frame_stride):
+        return v.new_empty(v.shape)
+
+    def setup_temporal(ctx, inputs, output):
+        v, *window = inputs
+        ctx.window = tuple(window)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(v, output)
+
     def setup_local(ctx, inputs, output):
         a, b, *window = inputs
         save_local(ctx, a, b, output, tuple(window), ops._local_correlation_backward, len(inputs))
@@ -105,11 +127,14 @@ def _register():
                                     setup_context=setup_local)
     torch.library.register_autograd("stccl_ops::self_correlation", self_backward,
                                     setup_context=setup_self)
-    for name in ("_local_correlation_backward", "_self_correlation_backward"):
+    torch.library.register_autograd("stccl_ops::temporal_correlation", temporal_backward,
+                                    setup_context=setup_temporal)
+    for name in ("_local_correlation_backward", "_self_correlation_backward",
+                 "_temporal_correlation_backward"):
         torch.library.register_autograd(f"stccl_ops::{name}", _no_double_backward,
                                         setup_context=lambda ctx, inputs, output: None)
     # Autocast: like F.cosine_similarity, the correlations run in float32.
-    for name in ("local_correlation", "self_correlation"):
+    for name in ("local_correlation", "self_correlation", "temporal_correlation"):
         for device_type in ("cpu", "cuda"):
             torch.library.register_autocast(f"stccl_ops::{name}", device_type, torch.float32)
 

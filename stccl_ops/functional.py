@@ -75,8 +75,7 @@ def temporal_correlation(v, kernel_size=1, dilation=1, normalize=True, eps=1e-8,
     check_frame_stride(fn, frame_stride, v.shape[1])
     (v,) = _autocast_float32(v)
     impl = _backends.resolve(fn, backend, v.device)
-    return impl.local(v[:, :-frame_stride], v[:, frame_stride:], kernel_size, dilation,
-                      normalize, float(eps))
+    return impl.temporal(v, kernel_size, dilation, normalize, float(eps), frame_stride)
 
 
 class SpatioTemporal(NamedTuple):
@@ -99,6 +98,6 @@ def spatiotemporal_correlation(v, kernel_size=3, dilation=1, temporal_kernel_siz
     (v,) = _autocast_float32(v)
     impl = _backends.resolve(fn, backend, v.device)
     spatial = impl.self_correlation(v, kernel_size, dilation, normalize, float(eps))
-    temporal = impl.local(v[:, :-frame_stride], v[:, frame_stride:], temporal_kernel_size,
-                          temporal_dilation, normalize, float(eps))
+    temporal = impl.temporal(v, temporal_kernel_size, temporal_dilation, normalize, float(eps),
+                             frame_stride)
     return SpatioTemporal(spatial, temporal)

@@ -180,3 +180,22 @@ def test_bitwise_deterministic_across_runs_and_threads(backend):
         single = run_forward_backward(name, a, b, x, g, gx)
     for t0, t1, t2 in zip(first, again, single):
         assert torch.equal(t0, t1) and torch.equal(t0, t2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("frame_stride", [1, 2, 3])
+@pytest.mark.parametrize("K,dilation", [(1, 1), (3, 1), (5, 2)])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "raw"])
+def test_temporal_clip_gradient(backend, dtype, frame_stride, K, dilation, normalize):
+    """The temporal op's backward writes the clip gradient itself: frames in
+    two pairs, in one, and (T = 4, stride 3) in none."""
+    name, device = backend
+    v = leaf(rand((2, 4, 5, 6, 7), dtype, device, frame_stride * 10 + K))
+    g = rand((2, 4 - frame_stride, K * K, 6, 7), dtype, device, 9)
+    window = dict(kernel_size=K, dilation=dilation, normalize=normalize,
+                  frame_stride=frame_stride)
+    out, (gv,) = grads(lambda x: stccl_ops.temporal_correlation(x, backend=name, **window),
+                       (v,), g)
+    ref, (rv,) = grads(lambda x: reference.temporal_correlation(x, **window), (v,), g)
+    assert_close(out, ref)
+    assert_close(gv, rv, "grad")

@@ -105,6 +105,10 @@ def test_cpp_backend_rejects_other_devices():
     (lambda: torch.ops.stccl_ops._local_correlation_backward(
         torch.ones(1, 4, 4, 4), X, X, torch.ones(1, 9, 4, 4), 3, 1, True, 1e-8, True, True),
      "grad_out must have shape"),
+    (lambda: torch.ops.stccl_ops.temporal_correlation(CLIP, 3, 1, True, 1e-8, 3),
+     r"frame_stride must be in \[1, T-1\] = \[1, 2\], got 3"),
+    (lambda: torch.ops.stccl_ops.temporal_correlation(X, 3, 1, True, 1e-8, 1),
+     r"v must be \(B, T, C, H, W\)"),
     (lambda: torch.ops.stccl_ops._self_correlation_backward(
         torch.ones(1, 9, 4, 4), X, torch.ones(1, 9, 4, 4).double(), 3, 1, True, 1e-8),
      "out must match the inputs' dtype and device"),

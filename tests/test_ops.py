@@ -37,6 +37,13 @@ def test_opcheck_backward_ops_and_clips():
     v = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(OPS.local_correlation, (v[:, :-1], v[:, 1:], 3, 1, True, 1e-8))
     torch.library.opcheck(OPS.self_correlation, (v, 3, 1, True, 1e-8))
+    for stride in (1, 2):
+        w = torch.randn(2, 4, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(OPS.temporal_correlation, (w, 3, 1, True, 1e-8, stride))
+        w = w.detach()
+        out = OPS.temporal_correlation(w, 3, 2, False, 1e-8, stride)
+        torch.library.opcheck(OPS._temporal_correlation_backward,
+                              (torch.randn_like(out), w, out, 3, 2, False, 1e-8, stride))
 
 
 def test_autograd_function_drop_ins_match_the_ops():

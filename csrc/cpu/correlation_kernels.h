@@ -233,14 +233,15 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
 template <int KW, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const acc_t* x,
                                        int64_t x_cstride, int64_t x_rstride, int64_t dil_rt,
-                                       int64_t count, acc_t* dst, int64_t dst_cstride) {
+                                       int64_t count, acc_t* dst, int64_t dst_cstride,
+                                       bool accumulate) {
   using vec = typename Simd<acc_t>::vec;
   const int64_t dil = DIL > 0 ? DIL : dil_rt;
   vec wv[KW * KW];
 #pragma GCC unroll 16
   for (int k = 0; k < KW * KW; ++k) wv[k] = load(w + k * w_stride);
   for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
-    vec s = {};
+    vec s = accumulate ? load(dst) : vec{};
 #pragma GCC unroll 16
     for (int i = 0; i < KW; ++i) {
       const acc_t* row = x + i * dil * x_rstride;
@@ -385,14 +386,15 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
 // Per-thread scratch of the backward pass (rows are the band with its halo).
 template <typename acc_t>
 struct BackwardWorkspace {
-  std::vector<acc_t> a_stage, b_stage;             // [chunk][rows_b][WB]
-  std::vector<acc_t> inv_a, pass_a, inv_b, pass_b;  // [rows_b][WB]
+  std::vector<acc_t> a_stage, b_stage, c_stage;    // [chunk][rows_b][WB]
+  std::vector<acc_t> inv_a, pass_a, inv_b, pass_b, inv_c;  // [rows_b][WB]
   std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
   std::vector<acc_t> dst_a, dst_b;                 // [chunk][band_rows][Wv]
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : a_stage(L.chunk * L.rows_b * L.WB), b_stage(a_stage.size()),
+      : a_stage(L.chunk * L.rows_b * L.WB), b_stage(a_stage.size()), c_stage(a_stage.size()),
         inv_a(L.rows_b * L.WB), pass_a(inv_a.size()), inv_b(inv_a.size()), pass_b(inv_a.size()),
+        inv_c(inv_a.size()),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
@@ -499,10 +501,11 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   }
 }
 
-// dst[cc][rr] += sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk.
+// dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk.
 template <typename acc_t>
 STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
-                                      const acc_t* w, const acc_t* other_stage, acc_t* dst) {
+                                      const acc_t* w, const acc_t* other_stage, acc_t* dst,
+                                      bool accumulate) {
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
   if (K <= 3) {
@@ -513,15 +516,17 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const acc_t* x_vec = other_stage + rr * WB + xb;
           acc_t* d_vec = dst + rr * Wv + xb;
           if (K == 3)
-            gather_window<3, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv);
+            gather_window<3, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv,
+                                  accumulate);
           else
-            gather_window<1, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv);
+            gather_window<1, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv,
+                                  accumulate);
         }
       }
     });
     return;
   }
-  std::fill_n(dst, count * rows * Wv, acc_t(0));
+  if (!accumulate) std::fill_n(dst, count * rows * Wv, acc_t(0));
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
       for (int64_t i = 0; i < K; ++i) {
@@ -590,15 +595,106 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
       stage_rows(args.b, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, b_stage,
                  static_cast<acc_t*>(nullptr));
     if (args.grad_a) {
-      gather_chunk(L, rows, count, ws.w_a.data(), b_stage, ws.dst_a.data());
+      gather_chunk(L, rows, count, ws.w_a.data(), b_stage, ws.dst_a.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_a.data(), ws.scale_a.data(),
                      ws.shift_a.data(), a_stage, args.grad_a);
     }
     if (args.grad_b) {
-      gather_chunk(L, rows, count, ws.w_b.data(), a_stage, ws.dst_b.data());
+      gather_chunk(L, rows, count, ws.w_b.data(), a_stage, ws.dst_b.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_b.data(), ws.scale_b.data(),
                      ws.shift_b.data(), b_stage, args.grad_b);
     }
+  }
+}
+
+// Image n of an operand as an operand of its own (image index 0).
+template <typename scalar_t>
+STCCL_ALWAYS_INLINE Operand<scalar_t> image_view(const Operand<scalar_t>& op, int64_t n) {
+  Operand<scalar_t> view = op;
+  view.data = op.row(n, 0, 0);
+  view.strides.inner = 1;
+  view.strides.outer = view.strides.batch = 0;
+  return view;
+}
+
+template <typename scalar_t, typename acc_t>
+struct TemporalBackwardArgs {
+  Operand<scalar_t> grad_out, out;  // (B, T - s, K*K, H, W)
+  Operand<scalar_t> v;              // (B, T, C, H, W)
+  scalar_t* grad;                   // contiguous (B, T, C, H, W)
+  int64_t frames, stride;           // T, s
+  bool normalize;
+  acc_t eps;
+};
+
+// One band of frame t of the clip gradient of temporal_correlation: frame t
+// is the `a` of pair t (against t + s) and the `b` of pair t - s, so
+// grad_v[t] = inv_t * (sum_k w_A other_{t+s} + sum_k w_B other_{t-s})
+//             - (shift_A + shift_B) v_t,
+// gathered into one accumulator and written once (no slice-and-add of two
+// view gradients).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scalar_t, acc_t>& args,
+                                                const Layout<acc_t>& L, int64_t task,
+                                                BackwardWorkspace<acc_t>& ws) {
+  const int64_t m = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t T = args.frames, s = args.stride, t = m % T, pairs = T - s;
+  const int64_t pair_base = (m / T) * pairs;
+  const bool has_next = t + s < T, has_prev = t >= s;
+  const Operand<scalar_t> own = image_view(args.v, m);
+  BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
+                                     args.normalize, false, args.eps};
+  acc_t* own_stage = ws.a_stage.data();
+  acc_t* next_stage = ws.b_stage.data();
+  acc_t* prev_stage = ws.c_stage.data();
+  halo_norms(own, term, L, 0, y0, rows_b, own_stage, ws.inv_a.data(), ws.pass_a.data());
+  Operand<scalar_t> next = own, prev = own;
+  if (has_next) {
+    next = image_view(args.v, m + s);
+    halo_norms(next, term, L, 0, y0, rows_b, next_stage, ws.inv_b.data(), ws.pass_b.data());
+    term.grad_out = image_view(args.grad_out, pair_base + t);
+    term.out = image_view(args.out, pair_base + t);
+    gradient_weights(term, L, GradMode::A, 0, y0, rows, ws.inv_a.data(), ws.pass_a.data(),
+                     ws.inv_b.data(), ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data());
+  }
+  if (has_prev) {
+    prev = image_view(args.v, m - s);
+    halo_norms(prev, term, L, 0, y0, rows_b, prev_stage, ws.inv_c.data(), ws.pass_b.data());
+    term.grad_out = image_view(args.grad_out, pair_base + t - s);
+    term.out = image_view(args.out, pair_base + t - s);
+    gradient_weights(term, L, GradMode::B, 0, y0, rows, ws.inv_a.data(), ws.pass_a.data(),
+                     ws.inv_c.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+  }
+  // Both terms share the scale (the inverse norm of v_t); their shifts add up.
+  acc_t* shift = ws.shift_a.data();
+  const acc_t* scale = has_next ? ws.scale_a.data() : ws.scale_b.data();
+  if (!has_next) std::copy_n(ws.shift_b.data(), rows * L.Wv, shift);
+  else if (has_prev)
+    for (int64_t i = 0; i < rows * L.Wv; ++i) shift[i] += ws.shift_b[i];
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    stage_rows(own, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, own_stage,
+               static_cast<acc_t*>(nullptr));
+    acc_t* dst = ws.dst_a.data();
+    if (!has_next && !has_prev) {  // a frame in no pair (T < 2s): zero gradient
+      std::fill_n(dst, count * rows * L.Wv, acc_t(0));
+    }
+    if (has_next) {
+      stage_rows(next, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, next_stage,
+                 static_cast<acc_t*>(nullptr));
+      gather_chunk(L, rows, count, ws.w_a.data(), next_stage, dst, false);
+    }
+    if (has_prev) {
+      stage_rows(prev, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, prev_stage,
+                 static_cast<acc_t*>(nullptr));
+      gather_chunk(L, rows, count, ws.w_b.data(), prev_stage, dst, has_next);
+    }
+    if (!has_next && !has_prev) {
+      std::fill_n(shift, rows * L.Wv, acc_t(0));
+      scale = shift;
+    }
+    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_stage, args.grad);
   }
 }
 

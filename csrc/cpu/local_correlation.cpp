@@ -30,6 +30,13 @@ void forward_band_generic(const ForwardArgs<scalar_t, acc_t>& args, const Layout
 }
 
 template <typename scalar_t, typename acc_t>
+void temporal_backward_band_generic(const TemporalBackwardArgs<scalar_t, acc_t>& args,
+                                    const Layout<acc_t>& L, int64_t task,
+                                    BackwardWorkspace<acc_t>& ws) {
+  temporal_backward_band(args, L, task, ws);
+}
+
+template <typename scalar_t, typename acc_t>
 void backward_band_generic(const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L,
                            int64_t task, BackwardWorkspace<acc_t>& ws) {
   backward_band(args, L, task, ws);
@@ -51,6 +58,12 @@ __attribute__((target("avx2,fma"))) void backward_band_avx2(
     const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
     BackwardWorkspace<acc_t>& ws) {
   backward_band(args, L, task, ws);
+}
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void temporal_backward_band_avx2(
+    const TemporalBackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
+    BackwardWorkspace<acc_t>& ws) {
+  temporal_backward_band(args, L, task, ws);
 }
 #define STCCL_PICK(name) (use_avx2() ? &name##_avx2<scalar_t, acc_t> : &name##_generic<scalar_t, acc_t>)
 #else
@@ -174,9 +187,44 @@ at::Tensor self_correlation_backward_cpu(const at::Tensor& grad_out, const at::T
                                           /*self=*/true));
 }
 
+at::Tensor temporal_correlation_cpu(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
+                                    bool normalize, double eps, int64_t frame_stride) {
+  check_clip(v, frame_stride, "temporal_correlation");
+  check_window(kernel_size, dilation, eps, "temporal_correlation");
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+}
+
+at::Tensor temporal_correlation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& v,
+                                             const at::Tensor& out, int64_t kernel_size,
+                                             int64_t dilation, bool normalize, double eps,
+                                             int64_t frame_stride) {
+  const char* op = "_temporal_correlation_backward";
+  check_clip(v, frame_stride, op);
+  check_window(kernel_size, dilation, eps, op);
+  const auto pairs = frame_pairs(v, frame_stride);
+  check_volume(grad_out, pairs.first, kernel_size, op, "grad_out");
+  check_volume(out, pairs.first, kernel_size, op, "out");
+  auto grad = at::empty(v.sizes(), v.options());
+  if (grad.numel() == 0) return grad;
+  const auto shape = dims(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation);
+    const TemporalBackwardArgs<scalar_t, acc_t> args{
+        operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(v),
+        grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride, normalize,
+        static_cast<acc_t>(eps)};
+    run_bands<BackwardWorkspace<acc_t>>(L, args, STCCL_PICK(temporal_backward_band));
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stccl_ops, CPU, m) {
+  m.impl("temporal_correlation", &temporal_correlation_cpu);
+  m.impl("_temporal_correlation_backward", &temporal_correlation_backward_cpu);
   m.impl("local_correlation", &local_correlation_cpu);
   m.impl("_local_correlation_backward", &local_correlation_backward_cpu);
   m.impl("self_correlation", &self_correlation_cpu);

@@ -115,9 +115,41 @@ at::Tensor self_correlation_backward_cuda(const at::Tensor& grad_out, const at::
                               /*need_a=*/true, /*need_b=*/false, /*self=*/true));
 }
 
+at::Tensor temporal_correlation_cuda(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
+                                     bool normalize, double eps, int64_t frame_stride) {
+  check_clip(v, frame_stride, "temporal_correlation");
+  check_window(kernel_size, dilation, eps, "temporal_correlation");
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+}
+
+// The gradients of the two frame views, summed into the clip gradient.
+at::Tensor temporal_correlation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& v,
+                                              const at::Tensor& out, int64_t kernel_size,
+                                              int64_t dilation, bool normalize, double eps,
+                                              int64_t frame_stride) {
+  const char* op = "_temporal_correlation_backward";
+  check_clip(v, frame_stride, op);
+  check_window(kernel_size, dilation, eps, op);
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  check_volume(grad_out, a, kernel_size, op, "grad_out");
+  check_volume(out, a, kernel_size, op, "out");
+  const c10::cuda::CUDAGuard guard(v.device());
+  auto [grad_a, grad_b] = backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
+                                   true, true, /*self=*/false);
+  auto grad = at::zeros(v.sizes(), v.options());
+  if (grad.numel() == 0) return grad;
+  const int64_t T = v.size(1);
+  grad.slice(1, 0, T - frame_stride).add_(grad_a);
+  grad.slice(1, frame_stride, T).add_(grad_b);
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stccl_ops, CUDA, m) {
+  m.impl("temporal_correlation", &temporal_correlation_cuda);
+  m.impl("_temporal_correlation_backward", &temporal_correlation_backward_cuda);
   m.impl("local_correlation", &local_correlation_cuda);
   m.impl("_local_correlation_backward", &local_correlation_backward_cuda);
   m.impl("self_correlation", &self_correlation_cuda);
