@@ -78,14 +78,11 @@ int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
 // --------------------------------------------------------------------- forward
 
 template <typename scalar_t, int G>
-__global__ void __launch_bounds__(THREADS, 1)
-    forward_staged_kernel(const scalar_t* __restrict__ a, Strides4 sa,
-                          const scalar_t* __restrict__ b, Strides4 sb,
-                          scalar_t* __restrict__ out, Geometry g, int chunk, int k_begin,
-                          int k_count, bool self, bool normalize,
-                          typename AccOf<scalar_t>::type eps) {
+__device__ __forceinline__ void forward_staged_tile(
+    const scalar_t* __restrict__ a, Strides4 sa, const scalar_t* __restrict__ b, Strides4 sb,
+    scalar_t* __restrict__ out, const Geometry& g, int chunk, int k_begin, int k_count, bool self,
+    bool normalize, typename AccOf<scalar_t>::type eps, int64_t n, unsigned char* smem) {
   using acc_t = typename AccOf<scalar_t>::type;
-  extern __shared__ __align__(16) unsigned char smem[];
   const int TB = g.THB * g.TWB, TILE = TILE_H * TILE_W;
   acc_t* b_sq = reinterpret_cast<acc_t*>(smem);  // [THB * TWB]
   acc_t* a_sq = b_sq + TB;                        // [TILE]
@@ -95,7 +92,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
   const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
-  const int64_t n = blockIdx.z, x = x0 + tx, y = y0 + ty;
+  const int64_t x = x0 + tx, y = y0 + ty;
   const scalar_t* a_img = a + image_offset(sa, n);
   const scalar_t* b_img = b + image_offset(sb, n);
   for (int i = tid; i < TB; i += THREADS) b_sq[i] = 0;
@@ -168,6 +165,22 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 }
 
+// Images beyond the grid's z extent (65535) are looped over.
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(THREADS, 1)
+    forward_staged_kernel(const scalar_t* __restrict__ a, Strides4 sa,
+                          const scalar_t* __restrict__ b, Strides4 sb,
+                          scalar_t* __restrict__ out, Geometry g, int chunk, int k_begin,
+                          int k_count, bool self, bool normalize,
+                          typename AccOf<scalar_t>::type eps) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
+    __syncthreads();  // the previous image's epilogue has read shared memory
+    forward_staged_tile<scalar_t, G>(a, sa, b, sb, out, g, chunk, k_begin, k_count, self,
+                                     normalize, eps, n, smem);
+  }
+}
+
 // Halos beyond shared memory: each thread reads its neighbours through the
 // cache and sums their squares itself (UNSTAGED_GROUP offsets per launch).
 template <typename scalar_t>
@@ -178,8 +191,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                             bool normalize, typename AccOf<scalar_t>::type eps) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t x = int64_t(blockIdx.x) * TILE_W + threadIdx.x % TILE_W;
-  const int64_t y = int64_t(blockIdx.y) * TILE_H + threadIdx.x / TILE_W, n = blockIdx.z;
+  const int64_t y = int64_t(blockIdx.y) * TILE_H + threadIdx.x / TILE_W;
   if (y >= g.H || x >= g.W) return;
+  for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
   const scalar_t* a_img = a + image_offset(sa, n);
   const scalar_t* b_img = b + image_offset(sb, n);
   acc_t acc[UNSTAGED_GROUP], sq[UNSTAGED_GROUP], sq_a = 0;
@@ -209,6 +223,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const acc_t v = where[i] < 0 ? acc_t(0)
                                  : acc[i] * inv_a * (normalize ? inverse_norm(sq[i], eps) : 1);
     out[((n * g.KK + k_begin + i) * g.H + y) * g.W + x] = from_acc<scalar_t>(v);
+  }
   }
 }
 
@@ -320,20 +335,19 @@ __global__ void weights_kernel(const scalar_t* __restrict__ grad_out, Strides4 s
 // grad[n, c, p] (+)= scale_p * sum_k w[k, p] other[c, p + d_k] (- shift_p own[c, p]
 // on the first group of offsets), with other staged per channel chunk.
 template <typename scalar_t, int G, bool STAGED>
-__global__ void __launch_bounds__(THREADS, 1)
-    gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
-                  const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
-                  Geometry g, int chunk, int k_begin, int k_count, bool first_group,
-                  Workspace<typename AccOf<scalar_t>::type> ws) {
+__device__ __forceinline__ void gather_tile(
+    const scalar_t* __restrict__ other, Strides4 sx, const scalar_t* __restrict__ own,
+    Strides4 sy, scalar_t* __restrict__ grad, const Geometry& g, int chunk, int k_begin,
+    int k_count, bool first_group, const Workspace<typename AccOf<scalar_t>::type>& ws,
+    int64_t n, unsigned char* smem) {
   using acc_t = typename AccOf<scalar_t>::type;
-  extern __shared__ __align__(16) unsigned char smem[];
   const int TB = g.THB * g.TWB;
   acc_t* x_tile = reinterpret_cast<acc_t*>(smem);                              // [chunk][TB]
   int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * TB : 0));
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
   const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
-  const int64_t n = blockIdx.z, x = x0 + tx, y = y0 + ty;
+  const int64_t x = x0 + tx, y = y0 + ty;
   const bool mine = y < g.H && x < g.W;
   const int64_t pixel = (n * g.H + (mine ? y : 0)) * g.W + (mine ? x : 0);
   const scalar_t* x_img = other + image_offset(sx, n);
@@ -395,11 +409,25 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 }
 
+template <typename scalar_t, int G, bool STAGED>
+__global__ void __launch_bounds__(THREADS, 1)
+    gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
+                  const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
+                  Geometry g, int chunk, int k_begin, int k_count, bool first_group,
+                  Workspace<typename AccOf<scalar_t>::type> ws) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
+    __syncthreads();  // the previous image's threads are done with shared memory
+    gather_tile<scalar_t, G, STAGED>(other, sx, own, sy, grad, g, chunk, k_begin, k_count,
+                                     first_group, ws, n, smem);
+  }
+}
+
 // ------------------------------------------------------------------ launchers
 
 dim3 tile_grid(const Geometry& g) {
   return dim3(unsigned((g.W + TILE_W - 1) / TILE_W), unsigned((g.H + TILE_H - 1) / TILE_H),
-              unsigned(g.N));
+              unsigned(std::min<int64_t>(g.N, 65535)));
 }
 
 unsigned flat_blocks(int64_t total) {
