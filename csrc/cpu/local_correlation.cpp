@@ -10,7 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../checks.h"
+#include "../entry_points.h"
 #include "../tensor_args.h"
 #include "correlation_kernels.h"
 #include "isa.h"
@@ -121,22 +121,6 @@ at::Tensor correlation_forward(const at::Tensor& a, const at::Tensor& b, int64_t
   return out;
 }
 
-at::Tensor local_correlation_cpu(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
-                                 int64_t dilation, bool normalize, double eps) {
-  check_operand(a, "local_correlation", "a");
-  check_operand(b, "local_correlation", "b");
-  check_same(b, a, "local_correlation", "b", "a");
-  check_window(kernel_size, dilation, eps, "local_correlation");
-  return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
-}
-
-at::Tensor self_correlation_cpu(const at::Tensor& x, int64_t kernel_size, int64_t dilation,
-                                bool normalize, double eps) {
-  check_operand(x, "self_correlation", "x");
-  check_window(kernel_size, dilation, eps, "self_correlation");
-  return correlation_forward(x, x, kernel_size, dilation, normalize, eps, /*self=*/true);
-}
-
 // Gradients of a and/or b (of x when self), both from one pass over the bands.
 std::tuple<at::Tensor, at::Tensor> correlation_backward(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
@@ -160,51 +144,12 @@ std::tuple<at::Tensor, at::Tensor> correlation_backward(
   return {grad_a, grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor> local_correlation_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-    int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
-    bool need_grad_b) {
-  const char* op = "_local_correlation_backward";
-  check_operand(a, op, "a");
-  check_same(b, a, op, "b", "a");
-  check_window(kernel_size, dilation, eps, op);
-  check_volume(grad_out, a, kernel_size, op, "grad_out");
-  check_volume(out, a, kernel_size, op, "out");
-  return correlation_backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
-                              need_grad_a, need_grad_b, /*self=*/false);
-}
-
-at::Tensor self_correlation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+// The clip gradient of temporal_correlation, frame by frame (see
+// temporal_backward_band).
+at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::Tensor& v,
                                          const at::Tensor& out, int64_t kernel_size,
-                                         int64_t dilation, bool normalize, double eps) {
-  const char* op = "_self_correlation_backward";
-  check_operand(x, op, "x");
-  check_window(kernel_size, dilation, eps, op);
-  check_volume(grad_out, x, kernel_size, op, "grad_out");
-  check_volume(out, x, kernel_size, op, "out");
-  return std::get<0>(correlation_backward(grad_out, x, x, out, kernel_size, dilation, normalize,
-                                          eps, /*need_a=*/true, /*need_b=*/false,
-                                          /*self=*/true));
-}
-
-at::Tensor temporal_correlation_cpu(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
-                                    bool normalize, double eps, int64_t frame_stride) {
-  check_clip(v, frame_stride, "temporal_correlation");
-  check_window(kernel_size, dilation, eps, "temporal_correlation");
-  const auto [a, b] = frame_pairs(v, frame_stride);
-  return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
-}
-
-at::Tensor temporal_correlation_backward_cpu(const at::Tensor& grad_out, const at::Tensor& v,
-                                             const at::Tensor& out, int64_t kernel_size,
-                                             int64_t dilation, bool normalize, double eps,
-                                             int64_t frame_stride) {
-  const char* op = "_temporal_correlation_backward";
-  check_clip(v, frame_stride, op);
-  check_window(kernel_size, dilation, eps, op);
-  const auto pairs = frame_pairs(v, frame_stride);
-  check_volume(grad_out, pairs.first, kernel_size, op, "grad_out");
-  check_volume(out, pairs.first, kernel_size, op, "out");
+                                         int64_t dilation, bool normalize, double eps,
+                                         int64_t frame_stride) {
   auto grad = at::empty(v.sizes(), v.options());
   if (grad.numel() == 0) return grad;
   const auto shape = dims(v);
@@ -220,15 +165,14 @@ at::Tensor temporal_correlation_backward_cpu(const at::Tensor& grad_out, const a
   return grad;
 }
 
+struct Cpu {
+  static constexpr auto forward = correlation_forward;
+  static constexpr auto backward = correlation_backward;
+  static constexpr auto temporal_backward = temporal_correlation_backward;
+};
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stccl_ops, CPU, m) {
-  m.impl("temporal_correlation", &temporal_correlation_cpu);
-  m.impl("_temporal_correlation_backward", &temporal_correlation_backward_cpu);
-  m.impl("local_correlation", &local_correlation_cpu);
-  m.impl("_local_correlation_backward", &local_correlation_backward_cpu);
-  m.impl("self_correlation", &self_correlation_cpu);
-  m.impl("_self_correlation_backward", &self_correlation_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(stccl_ops, CPU, m) { EntryPoints<Cpu>::kernels(m); }
 
 }  // namespace stccl::cpu

@@ -75,6 +75,29 @@ int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
   return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
 }
 
+// Copies rows x cols pixels starting at (y_first, x_first) of channels
+// [c0, c0 + count) of one image into tile[cc * tile_stride + i] (0 outside the
+// image), adding each pixel's sum of squares to sq[i] when given. Each index i
+// belongs to one thread, so sq needs no synchronisation.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ img, const Strides4& s,
+                                           const Geometry& g, int64_t y_first, int64_t x_first,
+                                           int rows, int cols, int64_t c0, int count,
+                                           acc_t* tile, int tile_stride, acc_t* sq) {
+  for (int i = threadIdx.x; i < rows * cols; i += THREADS) {
+    const int64_t yy = y_first + i / cols, xx = x_first + i % cols;
+    const bool inside = in_image(yy, xx, g.H, g.W);
+    const scalar_t* src = img + (inside ? yy * s.y + xx * s.x : 0) + c0 * s.c;
+    acc_t total = 0;
+    for (int cc = 0; cc < count; ++cc) {
+      const acc_t v = inside ? to_acc(src[cc * s.c]) : acc_t(0);
+      tile[cc * tile_stride + i] = v;
+      total += v * v;
+    }
+    if (sq != nullptr) sq[i] += total;
+  }
+}
+
 // --------------------------------------------------------------------- forward
 
 template <typename scalar_t, int G>
@@ -109,32 +132,9 @@ __device__ __forceinline__ void forward_staged_tile(
   for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
     const int count = int(min(int64_t(chunk), g.C - c0));
     __syncthreads();  // the previous chunk is consumed
-    for (int i = tid; i < TB; i += THREADS) {
-      const int64_t yy = y0 - g.pad + i / g.TWB, xx = x0 - g.pad + i % g.TWB;
-      const bool inside = in_image(yy, xx, g.H, g.W);
-      const scalar_t* src = b_img + (inside ? yy * sb.y + xx * sb.x : 0) + c0 * sb.c;
-      acc_t sq = 0;
-      for (int cc = 0; cc < count; ++cc) {
-        const acc_t v = inside ? to_acc(src[cc * sb.c]) : acc_t(0);
-        b_tile[cc * TB + i] = v;
-        sq += v * v;
-      }
-      b_sq[i] += sq;
-    }
-    if (!self) {
-      for (int i = tid; i < TILE; i += THREADS) {
-        const int64_t yy = y0 + i / TILE_W, xx = x0 + i % TILE_W;
-        const bool inside = in_image(yy, xx, g.H, g.W);
-        const scalar_t* src = a_img + (inside ? yy * sa.y + xx * sa.x : 0) + c0 * sa.c;
-        acc_t sq = 0;
-        for (int cc = 0; cc < count; ++cc) {
-          const acc_t v = inside ? to_acc(src[cc * sa.c]) : acc_t(0);
-          a_tile[cc * TILE + i] = v;
-          sq += v * v;
-        }
-        a_sq[i] += sq;
-      }
-    }
+    stage_tile(b_img, sb, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, b_tile, TB, b_sq);
+    if (!self)
+      stage_tile(a_img, sa, g, y0, x0, TILE_H, TILE_W, c0, count, a_tile, TILE, a_sq);
     __syncthreads();
     const acc_t* a_col = self ? b_tile + (ty + g.pad) * g.TWB + tx + g.pad : a_tile + tid;
     const int a_stride = self ? TB : TILE;
@@ -376,13 +376,8 @@ __device__ __forceinline__ void gather_tile(
     const int count = int(min(int64_t(chunk), g.C - c0));
     if (STAGED) {
       __syncthreads();
-      for (int i = tid; i < TB; i += THREADS) {
-        const int64_t yy = y0 - g.pad + i / g.TWB, xx = x0 - g.pad + i % g.TWB;
-        const bool inside = in_image(yy, xx, g.H, g.W);
-        const scalar_t* src = x_img + (inside ? yy * sx.y + xx * sx.x : 0) + c0 * sx.c;
-        for (int cc = 0; cc < count; ++cc)
-          x_tile[cc * TB + i] = inside ? to_acc(src[cc * sx.c]) : acc_t(0);
-      }
+      stage_tile(x_img, sx, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, x_tile, TB,
+                 static_cast<acc_t*>(nullptr));
       __syncthreads();
     }
     if (!mine) continue;

@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../checks.h"
+#include "../entry_points.h"
 #include "../tensor_args.h"
 #include "launch.h"
 
@@ -42,22 +42,6 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size
   return out;
 }
 
-at::Tensor local_correlation_cuda(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
-                                  int64_t dilation, bool normalize, double eps) {
-  check_operand(a, "local_correlation", "a");
-  check_operand(b, "local_correlation", "b");
-  check_same(b, a, "local_correlation", "b", "a");
-  check_window(kernel_size, dilation, eps, "local_correlation");
-  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
-}
-
-at::Tensor self_correlation_cuda(const at::Tensor& x, int64_t kernel_size, int64_t dilation,
-                                 bool normalize, double eps) {
-  check_operand(x, "self_correlation", "x");
-  check_window(kernel_size, dilation, eps, "self_correlation");
-  return forward(x, x, kernel_size, dilation, normalize, eps, /*self=*/true);
-}
-
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& a,
                                             const at::Tensor& b, const at::Tensor& out,
                                             int64_t kernel_size, int64_t dilation,
@@ -89,51 +73,11 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   return {grad_a, grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor> local_correlation_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-    int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
-    bool need_grad_b) {
-  const char* op = "_local_correlation_backward";
-  check_operand(a, op, "a");
-  check_same(b, a, op, "b", "a");
-  check_window(kernel_size, dilation, eps, op);
-  check_volume(grad_out, a, kernel_size, op, "grad_out");
-  check_volume(out, a, kernel_size, op, "out");
-  return backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps, need_grad_a,
-                  need_grad_b, /*self=*/false);
-}
-
-at::Tensor self_correlation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                          const at::Tensor& out, int64_t kernel_size,
-                                          int64_t dilation, bool normalize, double eps) {
-  const char* op = "_self_correlation_backward";
-  check_operand(x, op, "x");
-  check_window(kernel_size, dilation, eps, op);
-  check_volume(grad_out, x, kernel_size, op, "grad_out");
-  check_volume(out, x, kernel_size, op, "out");
-  return std::get<0>(backward(grad_out, x, x, out, kernel_size, dilation, normalize, eps,
-                              /*need_a=*/true, /*need_b=*/false, /*self=*/true));
-}
-
-at::Tensor temporal_correlation_cuda(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
-                                     bool normalize, double eps, int64_t frame_stride) {
-  check_clip(v, frame_stride, "temporal_correlation");
-  check_window(kernel_size, dilation, eps, "temporal_correlation");
-  const auto [a, b] = frame_pairs(v, frame_stride);
-  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
-}
-
 // The gradients of the two frame views, summed into the clip gradient.
-at::Tensor temporal_correlation_backward_cuda(const at::Tensor& grad_out, const at::Tensor& v,
-                                              const at::Tensor& out, int64_t kernel_size,
-                                              int64_t dilation, bool normalize, double eps,
-                                              int64_t frame_stride) {
-  const char* op = "_temporal_correlation_backward";
-  check_clip(v, frame_stride, op);
-  check_window(kernel_size, dilation, eps, op);
+at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
+                             const at::Tensor& out, int64_t kernel_size, int64_t dilation,
+                             bool normalize, double eps, int64_t frame_stride) {
   const auto [a, b] = frame_pairs(v, frame_stride);
-  check_volume(grad_out, a, kernel_size, op, "grad_out");
-  check_volume(out, a, kernel_size, op, "out");
   const c10::cuda::CUDAGuard guard(v.device());
   auto [grad_a, grad_b] = backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
                                    true, true, /*self=*/false);
@@ -145,15 +89,14 @@ at::Tensor temporal_correlation_backward_cuda(const at::Tensor& grad_out, const 
   return grad;
 }
 
+struct Cuda {
+  static constexpr auto forward = stccl::cuda::forward;
+  static constexpr auto backward = stccl::cuda::backward;
+  static constexpr auto temporal_backward = stccl::cuda::temporal_backward;
+};
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stccl_ops, CUDA, m) {
-  m.impl("temporal_correlation", &temporal_correlation_cuda);
-  m.impl("_temporal_correlation_backward", &temporal_correlation_backward_cuda);
-  m.impl("local_correlation", &local_correlation_cuda);
-  m.impl("_local_correlation_backward", &local_correlation_backward_cuda);
-  m.impl("self_correlation", &self_correlation_cuda);
-  m.impl("_self_correlation_backward", &self_correlation_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(stccl_ops, CUDA, m) { EntryPoints<Cuda>::kernels(m); }
 
 }  // namespace stccl::cuda
