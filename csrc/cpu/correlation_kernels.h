@@ -36,7 +36,7 @@ constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 256;
 // channel, which must stay in L1 (STAGE_BYTES) while x sweeps the row. More
 // channels per chunk amortise the accumulator loads and stores; the whole
 // staged chunk lives in L2.
-constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 2, MAX_CHUNK = 32;
+constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
@@ -91,12 +91,18 @@ struct Layout {
   int64_t rows_b;   // staged rows of a band with the halo
   int64_t chunk;    // channels per staged chunk
 
-  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t K_, int64_t dil)
+  // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
+  // large windows do not re-stage the same rows many times. The forward pass
+  // takes it; the backward keeps short bands, whose per-offset weight buffers
+  // (band_rows * K*K * W) must stay small.
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t K_, int64_t dil,
+         bool cover_halo)
       : N(N_), C(C_), H(H_), W(W_), K(K_), KK(K_ * K_), dilation(dil) {
     constexpr int64_t V = Simd<acc_t>::lanes;
     pad = (K / 2) * dilation;
+    const int64_t pad_rows = cover_halo ? 2 * (K / 2) * dil : 0;
     band_rows = std::max<int64_t>(
-        1, std::min(H, std::clamp((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1),
+        1, std::min(H, std::clamp(std::max((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1), pad_rows),
                                   MIN_BAND_ROWS, MAX_BAND_ROWS)));
     bands = (H + band_rows - 1) / band_rows;
     Wv = (W + V - 1) / V * V;

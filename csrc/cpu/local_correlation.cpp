@@ -111,7 +111,7 @@ at::Tensor correlation_forward(const at::Tensor& a, const at::Tensor& b, int64_t
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation);
+    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation, /*cover_halo=*/true);
     const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
                                             out.mutable_data_ptr<scalar_t>(), normalize, self,
                                             static_cast<acc_t>(eps)};
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_backward(
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation);
+    const Layout<acc_t> L(N, C, H, W, kernel_size, dilation, /*cover_halo=*/false);
     const BackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
         operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
@@ -155,7 +155,8 @@ at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::T
   const auto shape = dims(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation);
+    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation,
+                          /*cover_halo=*/false);
     const TemporalBackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(v),
         grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride, normalize,
