@@ -108,10 +108,48 @@ BACKENDS = {
     "cuda": ExtensionBackend("cuda", "cuda"),
 }
 
-# Preference of `auto` per device type, fastest first; the GPU order is
-# set from benchmarks (README, "Benchmarks").
+# Preference of `auto` per device type, fastest first. On device types in
+# MEASURED_DEVICES, the usable compiled backends are re-ordered by a one-off
+# timing on the device itself (set STCCL_AUTO_MEASURE=0 to keep this order).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+MEASURED_DEVICES = {"cuda"}
+MEASURE_SHAPE = (8, 64, 48, 48)  # N, C, H, W of the timed forward+backward, K = 3
 _warned = set()
+_measured = {}
+
+
+def _time_backend(backend, device, repeats=5):
+    """Median seconds of one forward+backward of MEASURE_SHAPE with `backend`."""
+    import time
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(MEASURE_SHAPE, generator=g).to(device).requires_grad_()
+            for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):  # the first run compiles / autotunes
+        sync()
+        start = time.perf_counter()
+        out = backend.local(a, b, 3, 1, True, 1e-8)
+        torch.autograd.grad(out.sum(), (a, b))
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def _fastest_first(candidates, device):
+    """The candidates with the usable compiled ones ordered by measured time,
+    measured once per device."""
+    usable = [c for c in candidates if c.name != "reference" and c.unavailable(device) is None]
+    if (device.type not in MEASURED_DEVICES or len(usable) < 2
+            or os.environ.get("STCCL_AUTO_MEASURE") == "0" or torch.compiler.is_compiling()):
+        return candidates
+    key = (str(device), tuple(c.name for c in usable))
+    if key not in _measured:
+        times = {c.name: _time_backend(c, device) for c in usable}
+        _measured[key] = sorted(times, key=times.get)
+    rank = {name: i for i, name in enumerate(_measured[key])}
+    return sorted(candidates, key=lambda c: rank.get(c.name, len(rank)))
 
 
 def register(backend):
@@ -140,7 +178,7 @@ def resolve(fn, backend, device, compiled_only=False):
         chosen.require(fn, device)
         return chosen
     order = AUTO_ORDER.get(device.type, ("reference",))
-    candidates = [BACKENDS[n] for n in order if n in BACKENDS]
+    candidates = _fastest_first([BACKENDS[n] for n in order if n in BACKENDS], device)
     if compiled_only:
         candidates = [c for c in candidates if c.name != "reference"]
     for chosen in candidates:

@@ -199,3 +199,19 @@ def test_imports_without_the_extension():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_auto_orders_backends_by_measured_speed(monkeypatch):
+    """Where two compiled backends can run, `auto` times them once on the device
+    and prefers the faster (here the interpreted Triton backend against cpp)."""
+    if "triton" not in stccl_ops.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter on the CPU")
+    monkeypatch.setattr(_backends, "_measured", {})
+    monkeypatch.setattr(_backends, "MEASURED_DEVICES", {"cpu"})
+    monkeypatch.setattr(_backends, "MEASURE_SHAPE", (1, 4, 8, 8))
+    monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", ("triton", "cpp", "reference"))
+    device = torch.device("cpu")
+    assert _backends.resolve("f", None, device).name == "cpp"
+    assert list(_backends._measured.values()) == [["cpp", "triton"]]
+    monkeypatch.setenv("STCCL_AUTO_MEASURE", "0")
+    assert _backends.resolve("f", None, device).name == "triton"
