@@ -37,6 +37,10 @@ constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 256;
 // channels per chunk amortise the accumulator loads and stores; the whole
 // staged chunk lives in L2.
 constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
+// The backward stages a band's rows of every channel at once when they take
+// at most this much per operand (they stay in L2): the pass that sums the
+// squares for the norms then also stages, and the channel loop reads them.
+constexpr int64_t WHOLE_STAGE_BYTES = 256 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
@@ -90,6 +94,7 @@ struct Layout {
   int64_t WB;       // staged row width with the halo on both sides
   int64_t rows_b;   // staged rows of a band with the halo
   int64_t chunk;    // channels per staged chunk
+  bool whole_stage; // the backward stages all channels of a band at once
 
   // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
   // large windows do not re-stage the same rows many times. The forward pass
@@ -112,6 +117,7 @@ struct Layout {
     const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
     chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
     chunk = std::min(chunk, MAX_CHUNK);
+    whole_stage = C * rows_b * WB * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
   }
   int64_t tasks() const { return N * bands; }
 };
@@ -398,7 +404,8 @@ struct BackwardWorkspace {
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
   std::vector<acc_t> dst_a, dst_b;                 // [chunk][band_rows][Wv]
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : a_stage(L.chunk * L.rows_b * L.WB), b_stage(a_stage.size()), c_stage(a_stage.size()),
+      : a_stage((L.whole_stage ? L.C : L.chunk) * L.rows_b * L.WB), b_stage(a_stage.size()),
+        c_stage(a_stage.size()),
         inv_a(L.rows_b * L.WB), pass_a(inv_a.size()), inv_b(inv_a.size()), pass_b(inv_a.size()),
         inv_c(inv_a.size()),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
@@ -419,17 +426,19 @@ struct BackwardArgs {
 
 // Inverse norms and clamp masks of one operand over the band and its halo,
 // [rows_b][WB], 0 outside the image (raw mode: 1 inside, mask 0). Reads the
-// band's rows of every channel; the channel loop after it finds them in cache.
+// band's rows of every channel, staging them all into `stage` when the layout
+// says they fit (whole_stage), else into its first chunk as scratch.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, const BackwardArgs<scalar_t, acc_t>& args,
                                     const Layout<acc_t>& L, int64_t n, int64_t y0, int64_t rows_b,
-                                    acc_t* scratch, acc_t* inv, acc_t* pass) {
+                                    acc_t* stage, acc_t* inv, acc_t* pass) {
   const int64_t pad = L.pad, WB = L.WB;
   std::fill_n(inv, rows_b * WB, acc_t(0));
-  if (args.normalize) {
+  if (args.normalize || L.whole_stage) {
     for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
       stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.rows_b, pad, WB,
-                 scratch, inv);
+                 stage + (L.whole_stage ? c0 * L.rows_b * WB : 0),
+                 args.normalize ? inv : nullptr);
   }
   for (int64_t row = 0; row < rows_b; ++row) {
     for (int64_t xp = 0; xp < WB; ++xp) {
@@ -441,6 +450,18 @@ STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, const BackwardAr
                                                                                 : acc_t(0);
     }
   }
+}
+
+// The staged rows of channels [c0, c0 + count): already in `stage` when the
+// whole band was staged by halo_norms, else staged now.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE const acc_t* stage_chunk(const Operand<scalar_t>& v, const Layout<acc_t>& L,
+                                             int64_t n, int64_t c0, int64_t count, int64_t y0,
+                                             int64_t rows_b, acc_t* stage) {
+  if (L.whole_stage) return stage + c0 * L.rows_b * L.WB;
+  stage_rows(v, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, stage,
+             static_cast<acc_t*>(nullptr));
+  return stage;
 }
 
 enum class GradMode { A, B, Self };
@@ -595,20 +616,17 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
                      ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    stage_rows(args.a, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, a_stage,
-               static_cast<acc_t*>(nullptr));
-    if (two)
-      stage_rows(args.b, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, b_stage,
-                 static_cast<acc_t*>(nullptr));
+    const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
+    const acc_t* b_rows = two ? stage_chunk(args.b, L, n, c0, count, y0, rows_b, b_stage) : a_rows;
     if (args.grad_a) {
-      gather_chunk(L, rows, count, ws.w_a.data(), b_stage, ws.dst_a.data(), false);
+      gather_chunk(L, rows, count, ws.w_a.data(), b_rows, ws.dst_a.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data(), a_stage, args.grad_a);
+                     ws.shift_a.data(), a_rows, args.grad_a);
     }
     if (args.grad_b) {
-      gather_chunk(L, rows, count, ws.w_b.data(), a_stage, ws.dst_b.data(), false);
+      gather_chunk(L, rows, count, ws.w_b.data(), a_rows, ws.dst_b.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_b.data(), ws.scale_b.data(),
-                     ws.shift_b.data(), b_stage, args.grad_b);
+                     ws.shift_b.data(), b_rows, args.grad_b);
     }
   }
 }
@@ -680,27 +698,24 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     for (int64_t i = 0; i < rows * L.Wv; ++i) shift[i] += ws.shift_b[i];
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    stage_rows(own, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, own_stage,
-               static_cast<acc_t*>(nullptr));
+    const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_stage);
     acc_t* dst = ws.dst_a.data();
     if (!has_next && !has_prev) {  // a frame in no pair (T < 2s): zero gradient
       std::fill_n(dst, count * rows * L.Wv, acc_t(0));
     }
     if (has_next) {
-      stage_rows(next, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, next_stage,
-                 static_cast<acc_t*>(nullptr));
-      gather_chunk(L, rows, count, ws.w_a.data(), next_stage, dst, false);
+      gather_chunk(L, rows, count, ws.w_a.data(),
+                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_stage), dst, false);
     }
     if (has_prev) {
-      stage_rows(prev, L, 0, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, prev_stage,
-                 static_cast<acc_t*>(nullptr));
-      gather_chunk(L, rows, count, ws.w_b.data(), prev_stage, dst, has_next);
+      gather_chunk(L, rows, count, ws.w_b.data(),
+                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_stage), dst, has_next);
     }
     if (!has_next && !has_prev) {
       std::fill_n(shift, rows * L.Wv, acc_t(0));
       scale = shift;
     }
-    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_stage, args.grad);
+    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_rows, args.grad);
   }
 }
 
