@@ -133,10 +133,14 @@ def _register():
                  "_temporal_correlation_backward"):
         torch.library.register_autograd(f"stccl_ops::{name}", _no_double_backward,
                                         setup_context=lambda ctx, inputs, output: None)
-    # Autocast: like F.cosine_similarity, the correlations run in float32.
-    for name in ("local_correlation", "self_correlation", "temporal_correlation"):
-        for device_type in ("cpu", "cuda"):
-            torch.library.register_autocast(f"stccl_ops::{name}", device_type, torch.float32)
+    # Autocast: like F.cosine_similarity, the correlations run in float32 (for
+    # direct op callers; the public functions apply the same policy themselves,
+    # also on torch versions before register_autocast).
+    if hasattr(torch.library, "register_autocast"):
+        for name in ("local_correlation", "self_correlation", "temporal_correlation"):
+            for device_type in ("cpu", "cuda"):
+                torch.library.register_autocast(f"stccl_ops::{name}", device_type,
+                                                torch.float32)
 
 
 if _C is not None:
