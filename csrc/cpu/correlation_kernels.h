@@ -10,7 +10,8 @@
 // bounds checks) and accumulates with the offsets of one window row held in
 // registers, SIMD over x. Inputs are read from memory once per task (halo rows
 // again, mostly from cache) and no copy of a whole input is made: the extra
-// memory is O(threads * rows * W), plus O(N*H*W) inverse norms in backward.
+// memory is per-thread scratch of O(rows * W) (up to 256 KiB per operand of
+// staged rows in the backward).
 //
 // Every output element is produced by one task with a fixed summation order
 // (chunks in order, channels in order), so results are bitwise identical for
