@@ -96,7 +96,8 @@ def decide_cuda():
     return True, cuda_home
 
 
-def compiler_accepts(flag):
+def compiler_has_openmp():
+    """Whether the C++ compiler builds and links an OpenMP program with -fopenmp."""
     compiler = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cpp")
@@ -104,7 +105,7 @@ def compiler_accepts(flag):
             f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
         try:
             result = subprocess.run(
-                [compiler, flag, src, "-o", os.path.join(tmp, "probe")], capture_output=True
+                [compiler, "-fopenmp", src, "-o", os.path.join(tmp, "probe")], capture_output=True
             )
         except OSError:
             return False
@@ -120,7 +121,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    openmp = compiler_accepts("-fopenmp")
+    openmp = compiler_has_openmp()
     cxx = ["-O3", "-ffp-contract=fast", "-Wno-psabi",
            f'-DSTCCL_TORCH_VERSION="{torch.__version__}"']
     link = []

@@ -1,6 +1,6 @@
 """Shared test helpers: tolerances by dtype, a mismatch report, sample inputs."""
 
-import os
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -105,18 +105,12 @@ def samples(dtype=torch.float32, device="cpu", seed=0):
     return out
 
 
+@contextlib.contextmanager
 def with_threads(n):
-    """Context manager: torch.set_num_threads(n) for the block."""
-    class _Threads:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return _Threads()
-
-
-def interpreter_enabled():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """torch.set_num_threads(n) for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -76,7 +76,6 @@ def train_metric(metric, loader, epochs=1, lr=1e-3, device="cpu", loss=None, log
     loss = loss or STCCLLoss(criterion="nce", weighting="none", detach_source=False)
     if loss.detach_source:
         raise ValueError("stccl.train_metric: the metric loss must use detach_source=False")
-    params = [p for p in metric.parameters() if p.requires_grad]
     history = []
     optimizer = None
     for epoch in range(epochs):
@@ -84,9 +83,9 @@ def train_metric(metric, loader, epochs=1, lr=1e-3, device="cpu", loss=None, log
         for clip_a, clip_b in bar:
             clip_a, clip_b = clip_a.to(device), clip_b.to(device)
             result = loss(metric(clip_a), metric(clip_b))
-            if optimizer is None:  # after the first call: lazy heads have shapes now
-                params = [p for p in metric.parameters() if p.requires_grad]
-                optimizer = torch.optim.Adam(params, lr=lr)
+            if optimizer is None:
+                optimizer = torch.optim.Adam(
+                    [p for p in metric.parameters() if p.requires_grad], lr=lr)
             optimizer.zero_grad(set_to_none=True)
             result.total.backward()
             optimizer.step()

@@ -28,10 +28,14 @@ def setup_distributed():
     return rank, dist.get_world_size(), torch.device("cpu")
 
 
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
 def make_loader(dataset, batch_size, shuffle=True, seed=0, **kwargs):
     """A DataLoader that shards the dataset across processes under DDP."""
     sampler = None
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         shuffle = False
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, **kwargs)
@@ -91,8 +95,8 @@ def train_spfem(generator, loader, stccl_loss, task_loss, optimizer, epochs=1, s
     """
     from tqdm.auto import tqdm
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = _distributed()
+    rank = dist.get_rank() if distributed else 0
     device = torch.device(device) if device is not None else next(generator.parameters()).device
     generator.to(device)
     model = generator
