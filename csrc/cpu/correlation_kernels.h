@@ -22,6 +22,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "../index_math.h"
 
@@ -41,12 +44,52 @@ constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
 // The backward stages a band's rows of every channel at once when they take
 // at most this much per operand (they stay in L2): the pass that sums the
 // squares for the norms then also stages, and the channel loop reads them.
-constexpr int64_t WHOLE_STAGE_BYTES = 256 * 1024;
+constexpr int64_t WHOLE_STAGE_BYTES = 512 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
 // Offsets of one window row handled per register block.
 constexpr int64_t MAX_BLOCK = 9;
+
+// The channel stride of a staging buffer holding `elements` per channel: whole
+// cache lines, and an odd number of them. The inner loops walk the channels of
+// a chunk at a fixed position; with a stride of an even number of lines (a
+// multiple of 4 KiB, at worst) those lines share a few of the L1's sets and
+// evict each other; an odd count spreads 64 channels over all 64 sets.
+template <typename acc_t>
+constexpr int64_t channel_stride(int64_t elements) {
+  constexpr int64_t line = 64 / int64_t(sizeof(acc_t));
+  const int64_t lines = (elements + line - 1) / line;
+  return (lines | 1) * line;
+}
+
+// Copies `bytes` from src to dst with non-temporal stores for the 16-byte
+// aligned part of dst: gradients are written once and not read back by the
+// pass, so they go to memory without first reading each line into the cache
+// (half the memory traffic of plain stores). SSE2 is part of x86-64, so both
+// builds take this path. The stores are weakly ordered: stream_fence must run
+// before another thread may read the data.
+STCCL_ALWAYS_INLINE void stream_copy(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(__x86_64__)
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  int64_t i = head;
+  for (; i + 16 <= bytes; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+  std::memcpy(d + i, s + i, bytes - i);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
 
 template <typename acc_t>
 struct Simd;
@@ -95,6 +138,9 @@ struct Layout {
   int64_t WB;       // staged row width with the halo on both sides
   int64_t rows_b;   // staged rows of a band with the halo
   int64_t chunk;    // channels per staged chunk
+  int64_t a_cstride;      // channel stride of the forward's staged a: [band_rows][Wv]
+  int64_t stage_cstride;  // of the staged rows with the halo: [rows_b][WB]
+  int64_t dst_cstride;    // of the backward's per-chunk sums: [band_rows][Wv]
   bool whole_stage; // the backward stages all channels of a band at once
 
   // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
@@ -118,7 +164,9 @@ struct Layout {
     const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
     chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
     chunk = std::min(chunk, MAX_CHUNK);
-    whole_stage = C * rows_b * WB * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
+    a_cstride = dst_cstride = channel_stride<acc_t>(band_rows * Wv);
+    stage_cstride = channel_stride<acc_t>(rows_b * WB);
+    whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
   }
   int64_t tasks() const { return N * bands; }
 };
@@ -128,8 +176,8 @@ template <typename acc_t>
 struct Workspace {
   std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b;
   explicit Workspace(const Layout<acc_t>& L)
-      : a_stage(L.chunk * L.band_rows * L.Wv),
-        b_stage(L.chunk * L.rows_b * L.WB),
+      : a_stage(L.chunk * L.a_cstride),
+        b_stage(L.chunk * L.stage_cstride),
         acc(L.band_rows * L.KK * L.Wv),
         sum_a(L.band_rows * L.Wv),
         sum_b(L.rows_b * L.WB),
@@ -154,14 +202,14 @@ STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layo
 }
 
 // Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
-// image n to dst[cc][row][lead + x] in acc_t (rows of a channel are `rows_cap`
+// image n to dst[cc * cstride + row * width + lead + x] in acc_t
 // apart), zero for rows outside the image, and adds the squares to
 // sum_sq[row][lead + x] when given. The margins of dst (before lead, after
 // lead + W) are never written: the workspace keeps them zero.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<acc_t>& L,
                                     int64_t n, int64_t c0, int64_t count, int64_t y_first,
-                                    int64_t rows, int64_t rows_cap, int64_t lead, int64_t width,
+                                    int64_t rows, int64_t cstride, int64_t lead, int64_t width,
                                     acc_t* dst, acc_t* sum_sq) {
   const int64_t W = L.W, sx = src.strides.x;
   const scalar_t* image = src.row(n, 0, 0);
@@ -169,7 +217,7 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
     const scalar_t* channel = image + (c0 + cc) * src.strides.c;
     prefetch_ahead(src, L, c0 + cc, channel, y_first, rows);
     for (int64_t row = 0; row < rows; ++row) {
-      acc_t* d = dst + (cc * rows_cap + row) * width + lead;
+      acc_t* d = dst + cc * cstride + row * width + lead;
       const int64_t y = y_first + row;
       if (y < 0 || y >= L.H) {
         for (int64_t x = 0; x < W; ++x) d[x] = acc_t(0);
@@ -212,7 +260,9 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
   vec sum[J];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
-  for (int64_t cc = 0; cc < count; ++cc, a += a_cstride, b += b_cstride) {
+  // An end pointer rather than a counter: the loop must not keep anything in
+  // memory (a spilled counter puts a store-to-load chain into every step).
+  for (const acc_t* const a_end = a + count * a_cstride; a != a_end; a += a_cstride, b += b_cstride) {
     const vec av = load(a);
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) sum[j] += av * load(b + j * dil);
@@ -233,10 +283,15 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) wv[j] = load(w + j * w_stride);
   for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
-    vec s = load(dst);
+    // Two partial sums halve the chain of dependent FMAs.
+    vec s0 = load(dst), s1 = vec{};
 #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) s += wv[j] * load(x + j * dil);
-    store(dst, s);
+    for (int j = 0; j + 1 < J; j += 2) {
+      s0 += wv[j] * load(x + j * dil);
+      s1 += wv[j + 1] * load(x + (j + 1) * dil);
+    }
+    if (J % 2) s0 += wv[J - 1] * load(x + (J - 1) * dil);
+    store(dst, s0 + s1);
   }
 }
 
@@ -254,14 +309,19 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
 #pragma GCC unroll 16
   for (int k = 0; k < KW * KW; ++k) wv[k] = load(w + k * w_stride);
   for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
-    vec s = accumulate ? load(dst) : vec{};
+    // One partial sum per window row: short chains of dependent FMAs.
+    vec s[KW];
 #pragma GCC unroll 16
     for (int i = 0; i < KW; ++i) {
       const acc_t* row = x + i * dil * x_rstride;
+      s[i] = wv[i * KW] * load(row);
 #pragma GCC unroll 16
-      for (int j = 0; j < KW; ++j) s += wv[i * KW + j] * load(row + j * dil);
+      for (int j = 1; j < KW; ++j) s[i] += wv[i * KW + j] * load(row + j * dil);
     }
-    store(dst, s);
+    vec total = accumulate ? load(dst) : vec{};
+#pragma GCC unroll 16
+    for (int i = 0; i < KW; ++i) total += s[i];
+    store(dst, total);
   }
 }
 
@@ -332,19 +392,19 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     acc_t* b_stage = ws.b_stage.data();
-    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.rows_b, pad, WB, b_stage,
+    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.stage_cstride, pad, WB, b_stage,
                args.normalize ? sum_b : nullptr);
     const acc_t* a_rows;
     int64_t a_cstride, a_rstride;
     if (args.self) {
       a_rows = b_stage + pad * WB + pad;
-      a_cstride = L.rows_b * WB;
+      a_cstride = L.stage_cstride;
       a_rstride = WB;
     } else {
-      stage_rows(args.a, L, n, c0, count, y0, rows, L.band_rows, 0, Wv, ws.a_stage.data(),
+      stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
                  args.normalize ? sum_a : nullptr);
       a_rows = ws.a_stage.data();
-      a_cstride = L.band_rows * Wv;
+      a_cstride = L.a_cstride;
       a_rstride = Wv;
     }
     STCCL_WITH_DILATION(d, {
@@ -356,7 +416,7 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
             const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
             acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
             STCCL_BLOCKED(correlate_block, DIL, offsets, a_vec, a_cstride, b_vec + j0 * d,
-                          L.rows_b * WB, d, count, acc_vec + j0 * Wv, Wv);
+                          L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
           }
         }
       }
@@ -399,20 +459,22 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
 // Per-thread scratch of the backward pass (rows are the band with its halo).
 template <typename acc_t>
 struct BackwardWorkspace {
-  std::vector<acc_t> a_stage, b_stage, c_stage;    // [chunk][rows_b][WB]
+  std::vector<acc_t> a_stage, b_stage, c_stage;    // [chunk] x stage_cstride
   std::vector<acc_t> inv_a, pass_a, inv_b, pass_b, inv_c;  // [rows_b][WB]
   std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
-  std::vector<acc_t> dst_a, dst_b;                 // [chunk][band_rows][Wv]
+  std::vector<acc_t> dst_a, dst_b;                 // [chunk] x dst_cstride
+  std::vector<acc_t> grad_rows;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : a_stage((L.whole_stage ? L.C : L.chunk) * L.rows_b * L.WB), b_stage(a_stage.size()),
+      : a_stage((L.whole_stage ? L.C : L.chunk) * L.stage_cstride), b_stage(a_stage.size()),
         c_stage(a_stage.size()),
         inv_a(L.rows_b * L.WB), pass_a(inv_a.size()), inv_b(inv_a.size()), pass_b(inv_a.size()),
         inv_c(inv_a.size()),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
-        dst_a(L.chunk * L.band_rows * L.Wv), dst_b(dst_a.size()) {}
+        dst_a(L.chunk * L.dst_cstride), dst_b(dst_a.size()),
+        grad_rows(L.band_rows * L.W) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -437,8 +499,8 @@ STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, const BackwardAr
   std::fill_n(inv, rows_b * WB, acc_t(0));
   if (args.normalize || L.whole_stage) {
     for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
-      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.rows_b, pad, WB,
-                 stage + (L.whole_stage ? c0 * L.rows_b * WB : 0),
+      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.stage_cstride, pad,
+                 WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
                  args.normalize ? inv : nullptr);
   }
   for (int64_t row = 0; row < rows_b; ++row) {
@@ -459,8 +521,8 @@ template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE const acc_t* stage_chunk(const Operand<scalar_t>& v, const Layout<acc_t>& L,
                                              int64_t n, int64_t c0, int64_t count, int64_t y0,
                                              int64_t rows_b, acc_t* stage) {
-  if (L.whole_stage) return stage + c0 * L.rows_b * L.WB;
-  stage_rows(v, L, n, c0, count, y0 - L.pad, rows_b, L.rows_b, L.pad, L.WB, stage,
+  if (L.whole_stage) return stage + c0 * L.stage_cstride;
+  stage_rows(v, L, n, c0, count, y0 - L.pad, rows_b, L.stage_cstride, L.pad, L.WB, stage,
              static_cast<acc_t*>(nullptr));
   return stage;
 }
@@ -544,17 +606,19 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const acc_t* x_vec = other_stage + rr * WB + xb;
           acc_t* d_vec = dst + rr * Wv + xb;
           if (K == 3)
-            gather_window<3, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv,
+            gather_window<3, DIL>(w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec,
+                                  L.dst_cstride,
                                   accumulate);
           else
-            gather_window<1, DIL>(w_vec, Wv, x_vec, L.rows_b * WB, WB, d, count, d_vec, rows * Wv,
+            gather_window<1, DIL>(w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec,
+                                  L.dst_cstride,
                                   accumulate);
         }
       }
     });
     return;
   }
-  if (!accumulate) std::fill_n(dst, count * rows * Wv, acc_t(0));
+  if (!accumulate) std::fill_n(dst, count * L.dst_cstride, acc_t(0));
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
       for (int64_t i = 0; i < K; ++i) {
@@ -562,28 +626,34 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
           const acc_t* x_vec = other_stage + (rr + i * d) * WB + xb;
           STCCL_BLOCKED(gather_block, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
-                        L.rows_b * WB, d, count, dst + rr * Wv + xb, rows * Wv);
+                        L.stage_cstride, d, count, dst + rr * Wv + xb, L.dst_cstride);
         }
       }
     }
   });
 }
 
-// grad[c][p] = scale_p * dst - shift_p * own_p, own from its staged rows.
+// grad[c][p] = scale_p * dst - shift_p * own_p, own from its staged rows. A
+// channel's rows of a band are one contiguous run of the (contiguous)
+// gradient: computed into `run` (band_rows * W scalars), then streamed out.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
                                         int64_t count, int64_t y0, int64_t rows,
                                         const acc_t* dst, const acc_t* scale, const acc_t* shift,
-                                        const acc_t* own_stage, scalar_t* grad) {
+                                        const acc_t* own_stage, acc_t* run_buffer,
+                                        scalar_t* grad) {
+  scalar_t* run = reinterpret_cast<scalar_t*>(run_buffer);
   for (int64_t cc = 0; cc < count; ++cc) {
     for (int64_t rr = 0; rr < rows; ++rr) {
-      const acc_t* s = dst + (cc * rows + rr) * L.Wv;
-      const acc_t* own = own_stage + (cc * L.rows_b + rr + L.pad) * L.WB + L.pad;
+      const acc_t* s = dst + cc * L.dst_cstride + rr * L.Wv;
+      const acc_t* own = own_stage + cc * L.stage_cstride + (rr + L.pad) * L.WB + L.pad;
       const acc_t* sc = scale + rr * L.Wv;
       const acc_t* sh = shift + rr * L.Wv;
-      scalar_t* g = grad + ((n * L.C + c0 + cc) * L.H + y0 + rr) * L.W;
+      scalar_t* g = run + rr * L.W;
       for (int64_t x = 0; x < L.W; ++x) g[x] = static_cast<scalar_t>(sc[x] * s[x] - sh[x] * own[x]);
     }
+    stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, run,
+                rows * L.W * int64_t(sizeof(scalar_t)));
   }
 }
 
@@ -622,12 +692,12 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     if (args.grad_a) {
       gather_chunk(L, rows, count, ws.w_a.data(), b_rows, ws.dst_a.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data(), a_rows, args.grad_a);
+                     ws.shift_a.data(), a_rows, ws.grad_rows.data(), args.grad_a);
     }
     if (args.grad_b) {
       gather_chunk(L, rows, count, ws.w_b.data(), a_rows, ws.dst_b.data(), false);
       write_gradient(L, n, c0, count, y0, rows, ws.dst_b.data(), ws.scale_b.data(),
-                     ws.shift_b.data(), b_rows, args.grad_b);
+                     ws.shift_b.data(), b_rows, ws.grad_rows.data(), args.grad_b);
     }
   }
 }
@@ -702,7 +772,7 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_stage);
     acc_t* dst = ws.dst_a.data();
     if (!has_next && !has_prev) {  // a frame in no pair (T < 2s): zero gradient
-      std::fill_n(dst, count * rows * L.Wv, acc_t(0));
+      std::fill_n(dst, count * L.dst_cstride, acc_t(0));
     }
     if (has_next) {
       gather_chunk(L, rows, count, ws.w_a.data(),
@@ -716,7 +786,8 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
       std::fill_n(shift, rows * L.Wv, acc_t(0));
       scale = shift;
     }
-    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_rows, args.grad);
+    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_rows, ws.grad_rows.data(),
+                   args.grad);
   }
 }
 

@@ -71,12 +71,14 @@ __attribute__((target("avx2,fma"))) void temporal_backward_band_avx2(
 #endif
 
 // Runs every band task; each thread gets a contiguous range of tasks (so
-// neighbouring bands share cached halo rows) and one workspace.
+// neighbouring bands share cached halo rows) and one workspace. The fence
+// orders the range's streamed stores before the join.
 template <typename WS, typename Args, typename acc_t, typename Fn>
 void run_bands(const Layout<acc_t>& L, const Args& args, Fn band) {
   at::parallel_for(0, L.tasks(), 1, [&](int64_t begin, int64_t end) {
     WS ws(L);
     for (int64_t task = begin; task < end; ++task) band(args, L, task, ws);
+    stream_fence();
   });
 }
 
