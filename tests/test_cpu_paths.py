@@ -86,3 +86,30 @@ def test_many_channels_and_wide_rows():
     assert_close(out, ref)
     for actual, expected in zip(got, want):
         assert_close(actual, expected, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("width", [3, 14, 17])
+def test_rows_staged_in_whole_vectors_ignore_what_follows(dtype, width):
+    """Short contiguous rows are staged in whole SIMD vectors that read past
+    the row end: the columns sliced away (NaN here) must not leak in, and the
+    last row of the storage (nothing readable after it) takes the exact path."""
+    base = torch.randn(2, 6, 5, width + 5, dtype=dtype)
+    base[..., width:] = float("nan")
+    a = leaf(base[..., :width])
+    b = leaf(torch.randn(2, 6, 5, width, dtype=dtype))  # its last row ends its storage
+    g = torch.randn(2, 25, 5, width, dtype=dtype)
+    values = leaf(a.detach().clone())
+    for fn, ref_fn in [
+        (lambda x, y: stccl_ops.local_correlation(x, y, 5, backend="cpp"),
+         lambda x, y: reference.local_correlation(x, y, 5)),
+        (lambda x, y: stccl_ops.local_correlation(y, x, 5, normalize=False, backend="cpp"),
+         lambda x, y: reference.local_correlation(y, x, 5, normalize=False)),
+    ]:
+        out, got = grads(fn, (a, b), g)
+        ref, want = grads(ref_fn, (values, b), g)
+        assert_close(out, ref)
+        for actual, expected in zip(got, want):
+            assert_close(actual, expected, "grad")
+    assert_close(stccl_ops.spatial_correlation(a, 3, backend="cpp"),
+                 reference.spatial_correlation(values, 3))

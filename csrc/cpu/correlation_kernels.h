@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -117,11 +118,13 @@ STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
 }
 
 // A read-only (N, C, H, W) operand with any strides; N may be a flattened
-// (B, T) of a clip view.
+// (B, T) of a clip view. `end` is the end of the memory it lives in (its
+// storage): reads before it are safe even past the operand's last element.
 template <typename scalar_t>
 struct Operand {
   const scalar_t* data;
   Strides4 strides;
+  const scalar_t* end;
   STCCL_ALWAYS_INLINE const scalar_t* row(int64_t n, int64_t c, int64_t y) const {
     return data + element_offset(strides, n, c, y, 0);
   }
@@ -201,11 +204,34 @@ STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layo
   }
 }
 
+// One row of W values already in acc_t, contiguous, to d (and its squares
+// added to q unless null) in whole vectors. The last vector reads past the
+// row (the caller checks that this memory exists) and zeroes those lanes, so
+// d and q receive zeros up to the next whole vector. A scalar tail costs more
+// than the vectors of a short row (W = 14: half the staging time).
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void stage_row_vectors(const acc_t* s, int64_t W, acc_t* d, acc_t* q) {
+  using vec = typename Simd<acc_t>::vec;
+  using lanes_vec = decltype(vec{} < vec{});
+  using lane_t = decltype(lanes_vec{}[0] + 0);
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  for (int64_t x = 0; x < W; x += V) {
+    vec v = load(s + x);
+    if (x + V > W) {
+      lanes_vec lane{};
+      for (int i = 0; i < V; ++i) lane[i] = i;
+      v = lane < static_cast<lane_t>(W - x) ? v : vec{};
+    }
+    store(d + x, v);
+    if (q != nullptr) store(q + x, load(q + x) + v * v);
+  }
+}
+
 // Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
-// image n to dst[cc * cstride + row * width + lead + x] in acc_t
-// apart), zero for rows outside the image, and adds the squares to
-// sum_sq[row][lead + x] when given. The margins of dst (before lead, after
-// lead + W) are never written: the workspace keeps them zero.
+// image n to dst[cc * cstride + row * width + lead + x] in acc_t, zero for
+// rows outside the image, and adds the squares to sum_sq[row][lead + x] when
+// given. The margins of dst (before lead, after lead + Wv) are never written:
+// the workspace keeps them zero.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<acc_t>& L,
                                     int64_t n, int64_t c0, int64_t count, int64_t y_first,
@@ -224,6 +250,12 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
         continue;
       }
       const scalar_t* s = channel + y * src.strides.y;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (sx == 1 && src.end - s >= L.Wv) {
+          stage_row_vectors(s, W, d, sum_sq != nullptr ? sum_sq + row * width + lead : nullptr);
+          continue;
+        }
+      }
       if (sum_sq != nullptr) {
         acc_t* q = sum_sq + row * width + lead;
         if (sx == 1) {
