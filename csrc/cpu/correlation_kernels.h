@@ -303,6 +303,44 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
   for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
 }
 
+// correlate_block for two output rows that read the same staged row of b
+// (row 1 lies dil rows below row 0, so its window row is one less): each b
+// vector is loaded once for both rows, 2 + J loads per 2J FMAs instead of
+// 2 + 2J, which lifts the loop off the load ports (half of the unaligned b
+// loads straddle two cache lines). Only for the AVX2 build: the empty asm
+// keeps the b vector in a ymm register, as GCC otherwise folds the load into
+// both FMAs; a 32-byte vector fits no register of the portable build.
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, int64_t a_cstride,
+                                              const acc_t* b, int64_t b_cstride, int64_t dil_rt,
+                                              int64_t count, acc_t* acc0, acc_t* acc1,
+                                              int64_t acc_stride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec sum0[J], sum1[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    sum0[j] = load(acc0 + j * acc_stride);
+    sum1[j] = load(acc1 + j * acc_stride);
+  }
+  for (const acc_t* const a_end = a0 + count * a_cstride; a0 != a_end;
+       a0 += a_cstride, a1 += a_cstride, b += b_cstride) {
+    const vec av0 = load(a0), av1 = load(a1);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      vec bv = load(b + j * dil);
+      asm("" : "+x"(bv));
+      sum0[j] += av0 * bv;
+      sum1[j] += av1 * bv;
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    store(acc0 + j * acc_stride, sum0[j]);
+    store(acc1 + j * acc_stride, sum1[j]);
+  }
+}
+
 // dst[cc] += sum over J offsets of w[j] * x[cc][j * dil], for count channels;
 // the J weights stay in registers across the channel loop.
 template <int J, int DIL, typename acc_t>
@@ -378,6 +416,23 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
     }                                                                         \
   } while (0)
 
+// STCCL_BLOCKED for correlate_pair_block, in blocks of at most 5 offsets
+// (2 x 5 sums, two vectors of a and one of b: 13 of the 16 registers).
+#define STCCL_PAIR_BLOCKED(DIL, offsets, ...)                                 \
+  do {                                                                        \
+    int64_t j0 = 0;                                                           \
+    for (; (offsets) - j0 > 5; j0 += 5)                                       \
+      correlate_pair_block<5, DIL>(__VA_ARGS__);                              \
+    switch ((offsets) - j0) {                                                 \
+      case 1: correlate_pair_block<1, DIL>(__VA_ARGS__); break;               \
+      case 2: correlate_pair_block<2, DIL>(__VA_ARGS__); break;               \
+      case 3: correlate_pair_block<3, DIL>(__VA_ARGS__); break;               \
+      case 4: correlate_pair_block<4, DIL>(__VA_ARGS__); break;               \
+      case 5: correlate_pair_block<5, DIL>(__VA_ARGS__); break;               \
+      default: break;                                                         \
+    }                                                                         \
+  } while (0)
+
 // Runs the statement with DIL bound to the dilation when it is 1 or 2 (the
 // common cases get constant offsets), else to 0 (read at run time).
 #define STCCL_WITH_DILATION(d, ...)                 \
@@ -404,8 +459,9 @@ struct ForwardArgs {
 
 // One band of the forward pass. For a self-correlation (a is b) only the
 // offsets up to the centre are computed; mirror_self_correlation fills in the
-// rest afterwards.
-template <typename scalar_t, typename acc_t>
+// rest afterwards. ROW_PAIRS: the AVX2 build's row-pair kernel (see
+// correlate_pair_block) for two operands.
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                                       const Layout<acc_t>& L, int64_t task,
                                       Workspace<acc_t>& ws) {
@@ -438,6 +494,37 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
       a_rows = ws.a_stage.data();
       a_cstride = L.a_cstride;
       a_rstride = Wv;
+    }
+    if constexpr (ROW_PAIRS) {
+      if (!args.self) {
+        // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
+        // window row i of rr and window row i - 1 of rr + d.
+        STCCL_WITH_DILATION(d, {
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            if ((rr / d) % 2 == 1) continue;  // the second row of a pair
+            const bool pair = rr + d < rows;
+            for (int64_t i = 0; i <= K; ++i) {
+              const bool row0 = i < K, row1 = pair && i > 0;
+              if (!row0 && !row1) continue;
+              for (int64_t xb = 0; xb < Wv; xb += V) {
+                const acc_t* a0 = a_rows + rr * a_rstride + xb;
+                const acc_t* a1 = a0 + d * a_rstride;
+                const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+                acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
+                acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
+                if (row0 && row1)
+                  STCCL_PAIR_BLOCKED(DIL, K, a0, a1, a_cstride, b_vec + j0 * d, L.stage_cstride,
+                                     d, count, acc0 + j0 * Wv, acc1 + j0 * Wv, Wv);
+                else
+                  STCCL_BLOCKED(correlate_block, DIL, K, row0 ? a0 : a1, a_cstride,
+                                b_vec + j0 * d, L.stage_cstride, d, count,
+                                (row0 ? acc0 : acc1) + j0 * Wv, Wv);
+              }
+            }
+          }
+        });
+        continue;
+      }
     }
     STCCL_WITH_DILATION(d, {
       for (int64_t rr = 0; rr < rows; ++rr) {

@@ -29,7 +29,7 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 template <typename scalar_t, typename acc_t>
 void forward_band_generic(const ForwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L,
                           int64_t task, Workspace<acc_t>& ws) {
-  forward_band(args, L, task, ws);
+  forward_band</*ROW_PAIRS=*/false>(args, L, task, ws);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -53,7 +53,7 @@ template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void forward_band_avx2(
     const ForwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
     Workspace<acc_t>& ws) {
-  forward_band(args, L, task, ws);
+  forward_band</*ROW_PAIRS=*/true>(args, L, task, ws);
 }
 
 template <typename scalar_t, typename acc_t>
