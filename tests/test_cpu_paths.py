@@ -113,3 +113,21 @@ def test_rows_staged_in_whole_vectors_ignore_what_follows(dtype, width):
             assert_close(actual, expected, "grad")
     assert_close(stccl_ops.spatial_correlation(a, 3, backend="cpp"),
                  reference.spatial_correlation(values, 3))
+
+
+@pytest.mark.parametrize("frame_stride", [1, 2])
+@pytest.mark.parametrize("channels", [3, 700], ids=["whole-band-staging", "chunked-staging"])
+def test_temporal_backward_reuses_staged_frames_correctly(frame_stride, channels):
+    """The clip backward runs frame after frame within each band and reuses a
+    frame staged by the previous task: several clips and bands (H = 37 rows
+    are 3 bands), and channels past the whole-band staging limit."""
+    frames = 5 if channels == 3 else 3
+    v = leaf(torch.randn(2, frames, channels, 37, 9, dtype=torch.float64).float())
+    g = torch.randn(2, frames - frame_stride, 9, 37, 9)
+    out, (got,) = grads(
+        lambda x: stccl_ops.temporal_correlation(x, 3, frame_stride=frame_stride,
+                                                 backend="cpp"), (v,), g)
+    ref, (want,) = grads(
+        lambda x: reference.temporal_correlation(x, 3, frame_stride=frame_stride), (v,), g)
+    assert_close(out, ref)
+    assert_close(got, want, "grad")

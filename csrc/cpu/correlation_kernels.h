@@ -575,20 +575,34 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   }
 }
 
+// One operand's band as halo_norms leaves it: the staged rows (all channels
+// when the layout stages whole bands, else scratch for one chunk) and the
+// inverse norms and clamp mask over the band with its halo. `image` and
+// `band` name what it holds, for the temporal backward's reuse.
+template <typename acc_t>
+struct StagedBand {
+  std::vector<acc_t> stage;      // [C or chunk] x stage_cstride
+  std::vector<acc_t> inv, pass;  // [rows_b][WB]
+  int64_t image = -1, band = -1;
+  uint64_t last_use = 0;
+  explicit StagedBand(const Layout<acc_t>& L)
+      : stage((L.whole_stage ? L.C : L.chunk) * L.stage_cstride),
+        inv(L.rows_b * L.WB),
+        pass(inv.size()) {}
+};
+
 // Per-thread scratch of the backward pass (rows are the band with its halo).
 template <typename acc_t>
 struct BackwardWorkspace {
-  std::vector<acc_t> a_stage, b_stage, c_stage;    // [chunk] x stage_cstride
-  std::vector<acc_t> inv_a, pass_a, inv_b, pass_b, inv_c;  // [rows_b][WB]
+  // a and b (the spatial backward), or the frames t, t + s, t - s.
+  std::vector<StagedBand<acc_t>> staged;
+  uint64_t clock = 0;
   std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
   std::vector<acc_t> dst_a, dst_b;                 // [chunk] x dst_cstride
   std::vector<acc_t> grad_rows;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : a_stage((L.whole_stage ? L.C : L.chunk) * L.stage_cstride), b_stage(a_stage.size()),
-        c_stage(a_stage.size()),
-        inv_a(L.rows_b * L.WB), pass_a(inv_a.size()), inv_b(inv_a.size()), pass_b(inv_a.size()),
-        inv_c(inv_a.size()),
+      : staged(3, StagedBand<acc_t>(L)),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
@@ -787,23 +801,19 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
   const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
   const bool two = !args.self;
-  acc_t* a_stage = ws.a_stage.data();
-  acc_t* b_stage = two ? ws.b_stage.data() : a_stage;
-  halo_norms(args.a, args, L, n, y0, rows_b, a_stage, ws.inv_a.data(), ws.pass_a.data());
-  const acc_t* inv_b = ws.inv_a.data();
-  const acc_t* pass_b = ws.pass_a.data();
-  if (two) {
-    halo_norms(args.b, args, L, n, y0, rows_b, b_stage, ws.inv_b.data(), ws.pass_b.data());
-    inv_b = ws.inv_b.data();
-    pass_b = ws.pass_b.data();
-  }
+  StagedBand<acc_t>& A = ws.staged[0];
+  StagedBand<acc_t>& B = two ? ws.staged[1] : A;
+  acc_t* a_stage = A.stage.data();
+  acc_t* b_stage = B.stage.data();
+  halo_norms(args.a, args, L, n, y0, rows_b, a_stage, A.inv.data(), A.pass.data());
+  if (two) halo_norms(args.b, args, L, n, y0, rows_b, b_stage, B.inv.data(), B.pass.data());
   if (args.grad_a)
-    gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, ws.inv_a.data(),
-                     ws.pass_a.data(), inv_b, ws.w_a.data(), ws.scale_a.data(),
+    gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
+                     A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
                      ws.shift_a.data());
   if (args.grad_b)
-    gradient_weights(args, L, GradMode::B, n, y0, rows, inv_b, pass_b, ws.inv_a.data(),
-                     ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+    gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
+                     A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
@@ -841,44 +851,73 @@ struct TemporalBackwardArgs {
   acc_t eps;
 };
 
+// Frame `image` of the clip, band `band`, through halo_norms into one of the
+// workspace's staged bands; when a slot already holds it (the previous task
+// staged it as another role), that slot is returned as it is. The slot
+// reused otherwise is the one used longest ago, never one this task took.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& frame,
+                                                   const BackwardArgs<scalar_t, acc_t>& args,
+                                                   const Layout<acc_t>& L, int64_t image,
+                                                   int64_t band, int64_t y0, int64_t rows_b,
+                                                   BackwardWorkspace<acc_t>& ws) {
+  StagedBand<acc_t>* slot = &ws.staged[0];
+  for (auto& candidate : ws.staged) {
+    if (candidate.image == image && candidate.band == band) {
+      candidate.last_use = ++ws.clock;
+      return candidate;
+    }
+    if (candidate.last_use < slot->last_use) slot = &candidate;
+  }
+  halo_norms(frame, args, L, 0, y0, rows_b, slot->stage.data(), slot->inv.data(),
+             slot->pass.data());
+  slot->image = image;
+  slot->band = band;
+  slot->last_use = ++ws.clock;
+  return *slot;
+}
+
 // One band of frame t of the clip gradient of temporal_correlation: frame t
 // is the `a` of pair t (against t + s) and the `b` of pair t - s, so
 // grad_v[t] = inv_t * (sum_k w_A other_{t+s} + sum_k w_B other_{t-s})
 //             - (shift_A + shift_B) v_t,
 // gathered into one accumulator and written once (no slice-and-add of two
-// view gradients).
+// view gradients). Tasks run frame by frame within a band of a clip, so with
+// s = 1 two of the three frames a task needs were staged by the task before.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scalar_t, acc_t>& args,
                                                 const Layout<acc_t>& L, int64_t task,
                                                 BackwardWorkspace<acc_t>& ws) {
-  const int64_t m = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t T = args.frames, s = args.stride, pairs = T - s;
+  const int64_t clip = task / (L.bands * T), band = task / T % L.bands, t = task % T;
+  const int64_t m = clip * T + t, y0 = band * L.band_rows;
   const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
-  const int64_t T = args.frames, s = args.stride, t = m % T, pairs = T - s;
-  const int64_t pair_base = (m / T) * pairs;
+  const int64_t pair_base = clip * pairs;
   const bool has_next = t + s < T, has_prev = t >= s;
   const Operand<scalar_t> own = image_view(args.v, m);
   BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
                                      args.normalize, false, args.eps};
-  acc_t* own_stage = ws.a_stage.data();
-  acc_t* next_stage = ws.b_stage.data();
-  acc_t* prev_stage = ws.c_stage.data();
-  halo_norms(own, term, L, 0, y0, rows_b, own_stage, ws.inv_a.data(), ws.pass_a.data());
+  StagedBand<acc_t>& own_band = stage_frame(own, term, L, m, band, y0, rows_b, ws);
+  StagedBand<acc_t>* next_band = nullptr;
+  StagedBand<acc_t>* prev_band = nullptr;
   Operand<scalar_t> next = own, prev = own;
   if (has_next) {
     next = image_view(args.v, m + s);
-    halo_norms(next, term, L, 0, y0, rows_b, next_stage, ws.inv_b.data(), ws.pass_b.data());
+    next_band = &stage_frame(next, term, L, m + s, band, y0, rows_b, ws);
     term.grad_out = image_view(args.grad_out, pair_base + t);
     term.out = image_view(args.out, pair_base + t);
-    gradient_weights(term, L, GradMode::A, 0, y0, rows, ws.inv_a.data(), ws.pass_a.data(),
-                     ws.inv_b.data(), ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data());
+    gradient_weights(term, L, GradMode::A, 0, y0, rows, own_band.inv.data(),
+                     own_band.pass.data(), next_band->inv.data(), ws.w_a.data(),
+                     ws.scale_a.data(), ws.shift_a.data());
   }
   if (has_prev) {
     prev = image_view(args.v, m - s);
-    halo_norms(prev, term, L, 0, y0, rows_b, prev_stage, ws.inv_c.data(), ws.pass_b.data());
+    prev_band = &stage_frame(prev, term, L, m - s, band, y0, rows_b, ws);
     term.grad_out = image_view(args.grad_out, pair_base + t - s);
     term.out = image_view(args.out, pair_base + t - s);
-    gradient_weights(term, L, GradMode::B, 0, y0, rows, ws.inv_a.data(), ws.pass_a.data(),
-                     ws.inv_c.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+    gradient_weights(term, L, GradMode::B, 0, y0, rows, own_band.inv.data(),
+                     own_band.pass.data(), prev_band->inv.data(), ws.w_b.data(),
+                     ws.scale_b.data(), ws.shift_b.data());
   }
   // Both terms share the scale (the inverse norm of v_t); their shifts add up.
   acc_t* shift = ws.shift_a.data();
@@ -888,18 +927,20 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     for (int64_t i = 0; i < rows * L.Wv; ++i) shift[i] += ws.shift_b[i];
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_stage);
+    const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
     acc_t* dst = ws.dst_a.data();
     if (!has_next && !has_prev) {  // a frame in no pair (T < 2s): zero gradient
       std::fill_n(dst, count * L.dst_cstride, acc_t(0));
     }
     if (has_next) {
       gather_chunk(L, rows, count, ws.w_a.data(),
-                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_stage), dst, false);
+                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()), dst,
+                   false);
     }
     if (has_prev) {
       gather_chunk(L, rows, count, ws.w_b.data(),
-                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_stage), dst, has_next);
+                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()), dst,
+                   has_next);
     }
     if (!has_next && !has_prev) {
       std::fill_n(shift, rows * L.Wv, acc_t(0));
