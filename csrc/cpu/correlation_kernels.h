@@ -168,6 +168,11 @@ struct Layout {
     const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
     chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
     chunk = std::min(chunk, MAX_CHUNK);
+    // Chunks of equal size: no short last chunk paying a whole pass over the
+    // accumulators, and the staged rows of one chunk stay in L2 (S4: 16 + 16
+    // channels instead of 30 + 2, forward 20% faster).
+    const int64_t chunks = (std::max<int64_t>(C, 1) + chunk - 1) / chunk;
+    chunk = (std::max<int64_t>(C, 1) + chunks - 1) / chunks;
     a_cstride = dst_cstride = channel_stride<acc_t>(band_rows * Wv);
     stage_cstride = channel_stride<acc_t>(rows_b * WB);
     whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
