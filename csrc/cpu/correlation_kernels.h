@@ -193,7 +193,7 @@ struct Workspace {
         sum_b(L.rows_b * L.WB),
         inv_a(L.band_rows * L.Wv),
         inv_b(L.rows_b * L.WB),
-        out_rows(L.band_rows * L.W) {}
+        out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
 };
 
 // Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
@@ -582,8 +582,14 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
         const acc_t* inv_p = inv_a + rr * Wv;
         const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
         scalar_t* o = run + rr * L.W;
-        for (int64_t x = 0; x < L.W; ++x)
-          o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          // Whole vectors (see write_gradient).
+          for (int64_t x = 0; x < L.W; x += V)
+            store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
+        } else {
+          for (int64_t x = 0; x < L.W; ++x)
+            o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
+        }
       }
       stream_copy(args.out + ((n * KK + k) * L.H + y0) * L.W, run,
                   rows * L.W * int64_t(sizeof(scalar_t)));
@@ -623,7 +629,7 @@ struct BackwardWorkspace {
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
         dst_a(L.chunk * L.dst_cstride), dst_b(dst_a.size()),
-        grad_rows(L.band_rows * L.W) {}
+        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -799,7 +805,17 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
       const acc_t* sc = scale + rr * L.Wv;
       const acc_t* sh = shift + rr * L.Wv;
       scalar_t* g = run + rr * L.W;
-      for (int64_t x = 0; x < L.W; ++x) g[x] = static_cast<scalar_t>(sc[x] * s[x] - sh[x] * own[x]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Whole vectors: every input row is padded to Wv, and what the last
+        // vector writes past W lands on the next row's start, written after
+        // it (the buffer has one vector to spare for the last row). Short
+        // rows (W = 14) spent most of this loop in a scalar tail.
+        for (int64_t x = 0; x < L.W; x += Simd<acc_t>::lanes)
+          store(g + x, load(sc + x) * load(s + x) - load(sh + x) * load(own + x));
+      } else {
+        for (int64_t x = 0; x < L.W; ++x)
+          g[x] = static_cast<scalar_t>(sc[x] * s[x] - sh[x] * own[x]);
+      }
     }
     stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, run,
                 rows * L.W * int64_t(sizeof(scalar_t)));
