@@ -624,12 +624,13 @@ struct BackwardWorkspace {
   std::vector<acc_t> dst_a, dst_b;                 // [chunk] x dst_cstride
   std::vector<acc_t> grad_rows;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : staged(3, StagedBand<acc_t>(L)),
-        w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
+      : w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
         dst_a(L.chunk * L.dst_cstride), dst_b(dst_a.size()),
-        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
+        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {
+    for (int slot = 0; slot < 3; ++slot) staged.emplace_back(L);  // built in place, not copied
+  }
 };
 
 template <typename scalar_t, typename acc_t>
