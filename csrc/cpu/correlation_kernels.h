@@ -8,10 +8,11 @@
 // small buffers (converted to the accumulation type, gathered from any
 // strides, zero-padded by the halo of the window, so the inner loops have no
 // bounds checks) and accumulates with the offsets of one window row held in
-// registers, SIMD over x. Inputs are read from memory once per task (halo rows
-// again, mostly from cache) and no copy of a whole input is made: the extra
-// memory is per-thread scratch of O(rows * W) (up to 256 KiB per operand of
-// staged rows in the backward).
+// registers, SIMD over x (the AVX2 build: two output rows per load of b).
+// Inputs are read from memory once per task (halo rows again, mostly from
+// cache) and no copy of a whole input is made: the extra memory is per-thread
+// scratch of O(rows * W) (up to 512 KiB per operand of staged rows in the
+// backward). Outputs and gradients are written with non-temporal stores.
 //
 // Every output element is produced by one task with a fixed summation order
 // (chunks in order, channels in order), so results are bitwise identical for
