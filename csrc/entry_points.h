@@ -2,6 +2,7 @@
 // torch.ops.stccl_ops.* that skip the Python API) in front of a backend's
 // kernels. A backend provides
 //   forward(a, b, K, dilation, normalize, eps, self) -> out
+//   temporal_forward(v, K, dilation, normalize, eps, frame_stride) -> out
 //   backward(grad_out, a, b, out, K, dilation, normalize, eps, need_a, need_b, self)
 //       -> (grad_a, grad_b)
 //   temporal_backward(grad_out, v, out, K, dilation, normalize, eps, frame_stride) -> grad_v
@@ -38,8 +39,7 @@ struct EntryPoints {
                                          int64_t frame_stride) {
     check_clip(v, frame_stride, "temporal_correlation");
     check_window(kernel_size, dilation, eps, "temporal_correlation");
-    const auto [a, b] = frame_pairs(v, frame_stride);
-    return Backend::forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+    return Backend::temporal_forward(v, kernel_size, dilation, normalize, eps, frame_stride);
   }
 
   static std::tuple<at::Tensor, at::Tensor> local_correlation_backward(

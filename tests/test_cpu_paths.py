@@ -117,17 +117,20 @@ def test_rows_staged_in_whole_vectors_ignore_what_follows(dtype, width):
 
 @pytest.mark.parametrize("frame_stride", [1, 2])
 @pytest.mark.parametrize("channels", [3, 700], ids=["whole-band-staging", "chunked-staging"])
-def test_temporal_backward_reuses_staged_frames_correctly(frame_stride, channels):
-    """The clip backward runs frame after frame within each band and reuses a
-    frame staged by the previous task: several clips and bands (H = 37 rows
-    are 3 bands), and channels past the whole-band staging limit."""
+@pytest.mark.parametrize("K,dilation,normalize", [(3, 1, True), (5, 2, False)])
+def test_temporal_passes_reuse_staged_frames_correctly(frame_stride, channels, K, dilation,
+                                                       normalize):
+    """Both temporal passes run frame after frame within each band of a clip
+    and reuse frames staged by the previous task: several clips and bands
+    (H = 37 rows are several bands), and channels past the whole-band staging
+    limit (then the forward correlates the two frame views instead)."""
     frames = 5 if channels == 3 else 3
     v = leaf(torch.randn(2, frames, channels, 37, 9, dtype=torch.float64).float())
-    g = torch.randn(2, frames - frame_stride, 9, 37, 9)
-    out, (got,) = grads(
-        lambda x: stccl_ops.temporal_correlation(x, 3, frame_stride=frame_stride,
-                                                 backend="cpp"), (v,), g)
-    ref, (want,) = grads(
-        lambda x: reference.temporal_correlation(x, 3, frame_stride=frame_stride), (v,), g)
+    g = torch.randn(2, frames - frame_stride, K * K, 37, 9)
+    window = dict(kernel_size=K, dilation=dilation, normalize=normalize,
+                  frame_stride=frame_stride)
+    out, (got,) = grads(lambda x: stccl_ops.temporal_correlation(x, backend="cpp", **window),
+                        (v,), g)
+    ref, (want,) = grads(lambda x: reference.temporal_correlation(x, **window), (v,), g)
     assert_close(out, ref)
     assert_close(got, want, "grad")

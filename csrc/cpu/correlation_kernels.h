@@ -466,23 +466,115 @@ struct ForwardArgs {
   acc_t eps;
 };
 
+// acc[rr][k] += the sums over one chunk of channels, for every offset k (a
+// self-correlation: those up to the centre) of the band's rows. a_rows: the
+// chunk's rows of a, b_stage: its staged rows of b with the halo.
+// ROW_PAIRS: the AVX2 build's row-pair kernel (see correlate_pair_block).
+template <bool ROW_PAIRS, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int64_t rows,
+                                         int64_t count, const acc_t* a_rows, int64_t a_cstride,
+                                         int64_t a_rstride, const acc_t* b_stage, acc_t* acc) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t r = K / 2, window_rows = self ? r + 1 : K;
+  if constexpr (ROW_PAIRS) {
+    if (!self) {
+      // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
+      // window row i of rr and window row i - 1 of rr + d.
+      STCCL_WITH_DILATION(d, {
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          if ((rr / d) % 2 == 1) continue;  // the second row of a pair
+          const bool pair = rr + d < rows;
+          for (int64_t i = 0; i <= K; ++i) {
+            const bool row0 = i < K, row1 = pair && i > 0;
+            if (!row0 && !row1) continue;
+            for (int64_t xb = 0; xb < Wv; xb += V) {
+              const acc_t* a0 = a_rows + rr * a_rstride + xb;
+              const acc_t* a1 = a0 + d * a_rstride;
+              const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+              acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
+              acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
+              if (row0 && row1)
+                STCCL_PAIR_BLOCKED(DIL, K, a0, a1, a_cstride, b_vec + j0 * d, L.stage_cstride,
+                                   d, count, acc0 + j0 * Wv, acc1 + j0 * Wv, Wv);
+              else
+                STCCL_BLOCKED(correlate_block, DIL, K, row0 ? a0 : a1, a_cstride,
+                              b_vec + j0 * d, L.stage_cstride, d, count,
+                              (row0 ? acc0 : acc1) + j0 * Wv, Wv);
+            }
+          }
+        }
+      });
+      return;
+    }
+  }
+  STCCL_WITH_DILATION(d, {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < window_rows; ++i) {
+        const int64_t offsets = (self && i == r) ? r + 1 : K;
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* a_vec = a_rows + rr * a_rstride + xb;
+          const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+          acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
+          STCCL_BLOCKED(correlate_block, DIL, offsets, a_vec, a_cstride, b_vec + j0 * d,
+                        L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+        }
+      }
+    }
+  });
+}
+
+// The band's rows of the output: out[k][y0 + rr] = acc * inv_a * inv_b, with
+// inv_a[rr] (rows inv_a_rstride apart) the inverse norms of a and inv_b
+// ([rows_b][WB], 0 outside the image) those of b. `out` is the image's
+// (K*K, H, W) volume. An offset's rows of the band are one contiguous run of
+// it: computed into run_buffer, then streamed out (see stream_copy).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t y0, int64_t rows,
+                                      const acc_t* acc, const acc_t* inv_a,
+                                      int64_t inv_a_rstride, const acc_t* inv_b,
+                                      acc_t* run_buffer, scalar_t* out) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t r = K / 2, window_rows = self ? r + 1 : K;
+  scalar_t* run = reinterpret_cast<scalar_t*>(run_buffer);
+  for (int64_t i = 0; i < window_rows; ++i) {
+    const int64_t offsets = (self && i == r) ? r + 1 : K;
+    for (int64_t j = 0; j < offsets; ++j) {
+      const int64_t k = i * K + j;
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        const acc_t* a_k = acc + (rr * KK + k) * Wv;
+        const acc_t* inv_p = inv_a + rr * inv_a_rstride;
+        const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
+        scalar_t* o = run + rr * L.W;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          // Whole vectors (see write_gradient).
+          for (int64_t x = 0; x < L.W; x += V)
+            store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
+        } else {
+          for (int64_t x = 0; x < L.W; ++x)
+            o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
+        }
+      }
+      stream_copy(out + (k * L.H + y0) * L.W, run, rows * L.W * int64_t(sizeof(scalar_t)));
+    }
+  }
+}
+
 // One band of the forward pass. For a self-correlation (a is b) only the
 // offsets up to the centre are computed; mirror_self_correlation fills in the
-// rest afterwards. ROW_PAIRS: the AVX2 build's row-pair kernel (see
-// correlate_pair_block) for two operands.
+// rest afterwards.
 template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                                       const Layout<acc_t>& L, int64_t task,
                                       Workspace<acc_t>& ws) {
-  constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
   const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
-  const int64_t K = L.K, KK = L.KK, d = L.dilation, pad = L.pad, Wv = L.Wv, WB = L.WB;
-  const int64_t r = K / 2, window_rows = args.self ? r + 1 : K;
+  const int64_t pad = L.pad, Wv = L.Wv, WB = L.WB;
   acc_t* acc = ws.acc.data();
   acc_t* sum_b = ws.sum_b.data();
   acc_t* sum_a = args.self ? nullptr : ws.sum_a.data();
-  std::fill_n(acc, rows * KK * Wv, acc_t(0));
+  std::fill_n(acc, rows * L.KK * Wv, acc_t(0));
   std::fill_n(sum_b, rows_b * WB, acc_t(0));
   if (sum_a) std::fill_n(sum_a, rows * Wv, acc_t(0));
 
@@ -491,67 +583,18 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
     acc_t* b_stage = ws.b_stage.data();
     stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.stage_cstride, pad, WB, b_stage,
                args.normalize ? sum_b : nullptr);
-    const acc_t* a_rows;
-    int64_t a_cstride, a_rstride;
     if (args.self) {
-      a_rows = b_stage + pad * WB + pad;
-      a_cstride = L.stage_cstride;
-      a_rstride = WB;
+      correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + pad * WB + pad,
+                                 L.stage_cstride, WB, b_stage, acc);
     } else {
       stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
                  args.normalize ? sum_a : nullptr);
-      a_rows = ws.a_stage.data();
-      a_cstride = L.a_cstride;
-      a_rstride = Wv;
+      correlate_chunk<ROW_PAIRS>(L, false, rows, count, ws.a_stage.data(), L.a_cstride, Wv,
+                                 b_stage, acc);
     }
-    if constexpr (ROW_PAIRS) {
-      if (!args.self) {
-        // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
-        // window row i of rr and window row i - 1 of rr + d.
-        STCCL_WITH_DILATION(d, {
-          for (int64_t rr = 0; rr < rows; ++rr) {
-            if ((rr / d) % 2 == 1) continue;  // the second row of a pair
-            const bool pair = rr + d < rows;
-            for (int64_t i = 0; i <= K; ++i) {
-              const bool row0 = i < K, row1 = pair && i > 0;
-              if (!row0 && !row1) continue;
-              for (int64_t xb = 0; xb < Wv; xb += V) {
-                const acc_t* a0 = a_rows + rr * a_rstride + xb;
-                const acc_t* a1 = a0 + d * a_rstride;
-                const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
-                acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
-                acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
-                if (row0 && row1)
-                  STCCL_PAIR_BLOCKED(DIL, K, a0, a1, a_cstride, b_vec + j0 * d, L.stage_cstride,
-                                     d, count, acc0 + j0 * Wv, acc1 + j0 * Wv, Wv);
-                else
-                  STCCL_BLOCKED(correlate_block, DIL, K, row0 ? a0 : a1, a_cstride,
-                                b_vec + j0 * d, L.stage_cstride, d, count,
-                                (row0 ? acc0 : acc1) + j0 * Wv, Wv);
-              }
-            }
-          }
-        });
-        continue;
-      }
-    }
-    STCCL_WITH_DILATION(d, {
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        for (int64_t i = 0; i < window_rows; ++i) {
-          const int64_t offsets = (args.self && i == r) ? r + 1 : K;
-          for (int64_t xb = 0; xb < Wv; xb += V) {
-            const acc_t* a_vec = a_rows + rr * a_rstride + xb;
-            const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
-            acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
-            STCCL_BLOCKED(correlate_block, DIL, offsets, a_vec, a_cstride, b_vec + j0 * d,
-                          L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
-          }
-        }
-      }
-    });
   }
 
-  // Epilogue: scale by the inverse norms (1 in raw mode), 0 outside the image.
+  // Inverse norms (1 in raw mode), 0 outside the image.
   acc_t* inv_b = ws.inv_b.data();
   for (int64_t row = 0; row < rows_b; ++row) {
     const int64_t y = y0 - pad + row;
@@ -571,31 +614,8 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                                            : inverse_norm(sum_a[rr * Wv + x], args.eps);
     }
   }
-  // An offset's rows of the band are one contiguous run of the output:
-  // computed into out_rows, then streamed out (see stream_copy).
-  scalar_t* run = reinterpret_cast<scalar_t*>(ws.out_rows.data());
-  for (int64_t i = 0; i < window_rows; ++i) {
-    const int64_t offsets = (args.self && i == r) ? r + 1 : K;
-    for (int64_t j = 0; j < offsets; ++j) {
-      const int64_t k = i * K + j;
-      for (int64_t rr = 0; rr < rows; ++rr) {
-        const acc_t* a_k = acc + (rr * KK + k) * Wv;
-        const acc_t* inv_p = inv_a + rr * Wv;
-        const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
-        scalar_t* o = run + rr * L.W;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          // Whole vectors (see write_gradient).
-          for (int64_t x = 0; x < L.W; x += V)
-            store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
-        } else {
-          for (int64_t x = 0; x < L.W; ++x)
-            o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
-        }
-      }
-      stream_copy(args.out + ((n * KK + k) * L.H + y0) * L.W, run,
-                  rows * L.W * int64_t(sizeof(scalar_t)));
-    }
-  }
+  write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
+               args.out + n * L.KK * L.H * L.W);
 }
 
 // One operand's band as halo_norms leaves it: the staged rows (all channels
@@ -649,25 +669,24 @@ struct BackwardArgs {
 // band's rows of every channel, staging them all into `stage` when the layout
 // says they fit (whole_stage), else into its first chunk as scratch.
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, const BackwardArgs<scalar_t, acc_t>& args,
+STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, bool normalize, acc_t eps,
                                     const Layout<acc_t>& L, int64_t n, int64_t y0, int64_t rows_b,
                                     acc_t* stage, acc_t* inv, acc_t* pass) {
   const int64_t pad = L.pad, WB = L.WB;
   std::fill_n(inv, rows_b * WB, acc_t(0));
-  if (args.normalize || L.whole_stage) {
+  if (normalize || L.whole_stage) {
     for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
       stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.stage_cstride, pad,
                  WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
-                 args.normalize ? inv : nullptr);
+                 normalize ? inv : nullptr);
   }
   for (int64_t row = 0; row < rows_b; ++row) {
     for (int64_t xp = 0; xp < WB; ++xp) {
       const int64_t i = row * WB + xp;
       const bool inside = in_image(y0 - pad + row, xp - pad, L.H, L.W);
       const acc_t sum_sq = inv[i];
-      inv[i] = !inside ? acc_t(0) : args.normalize ? inverse_norm(sum_sq, args.eps) : acc_t(1);
-      pass[i] = inside && args.normalize && norm_passes_clamp(sum_sq, args.eps) ? acc_t(1)
-                                                                                : acc_t(0);
+      inv[i] = !inside ? acc_t(0) : normalize ? inverse_norm(sum_sq, eps) : acc_t(1);
+      pass[i] = inside && normalize && norm_passes_clamp(sum_sq, eps) ? acc_t(1) : acc_t(0);
     }
   }
 }
@@ -839,8 +858,11 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   StagedBand<acc_t>& B = two ? ws.staged[1] : A;
   acc_t* a_stage = A.stage.data();
   acc_t* b_stage = B.stage.data();
-  halo_norms(args.a, args, L, n, y0, rows_b, a_stage, A.inv.data(), A.pass.data());
-  if (two) halo_norms(args.b, args, L, n, y0, rows_b, b_stage, B.inv.data(), B.pass.data());
+  halo_norms(args.a, args.normalize, args.eps, L, n, y0, rows_b, a_stage, A.inv.data(),
+             A.pass.data());
+  if (two)
+    halo_norms(args.b, args.normalize, args.eps, L, n, y0, rows_b, b_stage, B.inv.data(),
+               B.pass.data());
   if (args.grad_a)
     gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
                      A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
@@ -885,30 +907,82 @@ struct TemporalBackwardArgs {
   acc_t eps;
 };
 
-// Frame `image` of the clip, band `band`, through halo_norms into one of the
-// workspace's staged bands; when a slot already holds it (the previous task
-// staged it as another role), that slot is returned as it is. The slot
-// reused otherwise is the one used longest ago, never one this task took.
+// Frame `image` of a clip, band `band`, through halo_norms into one of the
+// slots; when a slot already holds it (a previous task of the thread staged
+// it, maybe in another role), that slot is returned as it is. The slot
+// reused otherwise is the one used longest ago, never one this task took
+// (a task takes at most as many frames as there are slots).
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& frame,
-                                                   const BackwardArgs<scalar_t, acc_t>& args,
-                                                   const Layout<acc_t>& L, int64_t image,
-                                                   int64_t band, int64_t y0, int64_t rows_b,
-                                                   BackwardWorkspace<acc_t>& ws) {
-  StagedBand<acc_t>* slot = &ws.staged[0];
-  for (auto& candidate : ws.staged) {
+STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& frame, bool normalize,
+                                                   acc_t eps, const Layout<acc_t>& L,
+                                                   int64_t image, int64_t band, int64_t y0,
+                                                   int64_t rows_b,
+                                                   std::vector<StagedBand<acc_t>>& slots,
+                                                   uint64_t& clock) {
+  StagedBand<acc_t>* slot = &slots[0];
+  for (auto& candidate : slots) {
     if (candidate.image == image && candidate.band == band) {
-      candidate.last_use = ++ws.clock;
+      candidate.last_use = ++clock;
       return candidate;
     }
     if (candidate.last_use < slot->last_use) slot = &candidate;
   }
-  halo_norms(frame, args, L, 0, y0, rows_b, slot->stage.data(), slot->inv.data(),
+  halo_norms(frame, normalize, eps, L, 0, y0, rows_b, slot->stage.data(), slot->inv.data(),
              slot->pass.data());
   slot->image = image;
   slot->band = band;
-  slot->last_use = ++ws.clock;
+  slot->last_use = ++clock;
   return *slot;
+}
+
+template <typename scalar_t, typename acc_t>
+struct TemporalForwardArgs {
+  Operand<scalar_t> v;     // (B, T, C, H, W)
+  scalar_t* out;           // contiguous (B, T - s, K*K, H, W)
+  int64_t frames, stride;  // T, s
+  bool normalize;
+  acc_t eps;
+};
+
+// Per-thread scratch of the temporal forward.
+template <typename acc_t>
+struct TemporalWorkspace {
+  std::vector<StagedBand<acc_t>> staged;  // frames, whole bands
+  uint64_t clock = 0;
+  std::vector<acc_t> acc, out_rows;
+  explicit TemporalWorkspace(const Layout<acc_t>& L)
+      : acc(L.band_rows * L.KK * L.Wv), out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {
+    for (int slot = 0; slot < 3; ++slot) staged.emplace_back(L);
+  }
+};
+
+// One band of pair t (frames t and t + s) of temporal_correlation, for
+// layouts that stage whole bands. Tasks run pair after pair within a band of
+// a clip, and each frame is staged once with its halo and norms, as the b of
+// one pair and then (with s = 1: in the next task) read in place as the a of
+// another: half the reads of correlating the two frame views.
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_t, acc_t>& args,
+                                               const Layout<acc_t>& L, int64_t task,
+                                               TemporalWorkspace<acc_t>& ws) {
+  const int64_t T = args.frames, s = args.stride, pairs = T - s;
+  const int64_t clip = task / (L.bands * pairs), band = task / pairs % L.bands, t = task % pairs;
+  const int64_t m = clip * T + t, y0 = band * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t pad = L.pad, WB = L.WB, cs = L.stage_cstride;
+  StagedBand<acc_t>& A = stage_frame(image_view(args.v, m), args.normalize, args.eps, L, m, band,
+                                     y0, rows_b, ws.staged, ws.clock);
+  StagedBand<acc_t>& B = stage_frame(image_view(args.v, m + s), args.normalize, args.eps, L,
+                                     m + s, band, y0, rows_b, ws.staged, ws.clock);
+  acc_t* acc = ws.acc.data();
+  std::fill_n(acc, rows * L.KK * L.Wv, acc_t(0));
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    correlate_chunk<ROW_PAIRS>(L, false, rows, std::min(L.chunk, L.C - c0),
+                               A.stage.data() + c0 * cs + pad * WB + pad, cs, WB,
+                               B.stage.data() + c0 * cs, acc);
+  }
+  write_output(L, false, y0, rows, acc, A.inv.data() + pad * WB + pad, WB, B.inv.data(),
+               ws.out_rows.data(), args.out + (clip * pairs + t) * L.KK * L.H * L.W);
 }
 
 // One band of frame t of the clip gradient of temporal_correlation: frame t
@@ -931,13 +1005,15 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   const Operand<scalar_t> own = image_view(args.v, m);
   BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
                                      args.normalize, false, args.eps};
-  StagedBand<acc_t>& own_band = stage_frame(own, term, L, m, band, y0, rows_b, ws);
+  StagedBand<acc_t>& own_band =
+      stage_frame(own, args.normalize, args.eps, L, m, band, y0, rows_b, ws.staged, ws.clock);
   StagedBand<acc_t>* next_band = nullptr;
   StagedBand<acc_t>* prev_band = nullptr;
   Operand<scalar_t> next = own, prev = own;
   if (has_next) {
     next = image_view(args.v, m + s);
-    next_band = &stage_frame(next, term, L, m + s, band, y0, rows_b, ws);
+    next_band = &stage_frame(next, args.normalize, args.eps, L, m + s, band, y0, rows_b,
+                             ws.staged, ws.clock);
     term.grad_out = image_view(args.grad_out, pair_base + t);
     term.out = image_view(args.out, pair_base + t);
     gradient_weights(term, L, GradMode::A, 0, y0, rows, own_band.inv.data(),
@@ -946,7 +1022,8 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   }
   if (has_prev) {
     prev = image_view(args.v, m - s);
-    prev_band = &stage_frame(prev, term, L, m - s, band, y0, rows_b, ws);
+    prev_band = &stage_frame(prev, args.normalize, args.eps, L, m - s, band, y0, rows_b,
+                             ws.staged, ws.clock);
     term.grad_out = image_view(args.grad_out, pair_base + t - s);
     term.out = image_view(args.out, pair_base + t - s);
     gradient_weights(term, L, GradMode::B, 0, y0, rows, own_band.inv.data(),

@@ -33,6 +33,13 @@ void forward_band_generic(const ForwardArgs<scalar_t, acc_t>& args, const Layout
 }
 
 template <typename scalar_t, typename acc_t>
+void temporal_forward_band_generic(const TemporalForwardArgs<scalar_t, acc_t>& args,
+                                   const Layout<acc_t>& L, int64_t task,
+                                   TemporalWorkspace<acc_t>& ws) {
+  temporal_forward_band</*ROW_PAIRS=*/false>(args, L, task, ws);
+}
+
+template <typename scalar_t, typename acc_t>
 void temporal_backward_band_generic(const TemporalBackwardArgs<scalar_t, acc_t>& args,
                                     const Layout<acc_t>& L, int64_t task,
                                     BackwardWorkspace<acc_t>& ws) {
@@ -61,6 +68,12 @@ __attribute__((target("avx2,fma"))) void backward_band_avx2(
     const BackwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
     BackwardWorkspace<acc_t>& ws) {
   backward_band(args, L, task, ws);
+}
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void temporal_forward_band_avx2(
+    const TemporalForwardArgs<scalar_t, acc_t>& args, const Layout<acc_t>& L, int64_t task,
+    TemporalWorkspace<acc_t>& ws) {
+  temporal_forward_band</*ROW_PAIRS=*/true>(args, L, task, ws);
 }
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void temporal_backward_band_avx2(
@@ -126,6 +139,39 @@ at::Tensor correlation_forward(const at::Tensor& a, const at::Tensor& b, int64_t
   return out;
 }
 
+// temporal_correlation: each frame staged once (temporal_forward_band) when
+// a band of all channels fits the staging bound, else the two frame views
+// correlated like any a and b.
+at::Tensor temporal_correlation_forward(const at::Tensor& v, int64_t kernel_size,
+                                        int64_t dilation, bool normalize, double eps,
+                                        int64_t frame_stride) {
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  const auto shape = dims(v);
+  bool whole_stage = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_layout", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    whole_stage = Layout<acc_t>(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation,
+                                /*cover_halo=*/true).whole_stage;
+  });
+  if (!whole_stage)
+    return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+  auto out = at::empty(correlation_shape(a, kernel_size), v.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t pairs = v.size(1) - frame_stride;
+    Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation,
+                    /*cover_halo=*/true);
+    L.N = v.size(0) * pairs;  // tasks: (clip, band, pair)
+    const TemporalForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(v),
+                                                    out.mutable_data_ptr<scalar_t>(), v.size(1),
+                                                    frame_stride, normalize,
+                                                    static_cast<acc_t>(eps)};
+    run_bands<TemporalWorkspace<acc_t>>(L, args, STCCL_PICK(temporal_forward_band));
+  });
+  return out;
+}
+
 // Gradients of a and/or b (of x when self), both from one pass over the bands.
 std::tuple<at::Tensor, at::Tensor> correlation_backward(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
@@ -173,6 +219,7 @@ at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::T
 
 struct Cpu {
   static constexpr auto forward = correlation_forward;
+  static constexpr auto temporal_forward = temporal_correlation_forward;
   static constexpr auto backward = correlation_backward;
   static constexpr auto temporal_backward = temporal_correlation_backward;
 };

@@ -73,6 +73,13 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   return {grad_a, grad_b};
 }
 
+// The two frame views correlated like any a and b.
+at::Tensor temporal_forward(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
+                            bool normalize, double eps, int64_t frame_stride) {
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+}
+
 // The gradients of the two frame views, summed into the clip gradient.
 at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
                              const at::Tensor& out, int64_t kernel_size, int64_t dilation,
@@ -91,6 +98,7 @@ at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
 
 struct Cuda {
   static constexpr auto forward = stccl::cuda::forward;
+  static constexpr auto temporal_forward = stccl::cuda::temporal_forward;
   static constexpr auto backward = stccl::cuda::backward;
   static constexpr auto temporal_backward = stccl::cuda::temporal_backward;
 };
