@@ -2,13 +2,16 @@
 forward and forward+backward, against this machine's measured floor.
 
     python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--cases S1,S3]
-                                 [--out benchmarks/results]
+                                 [--rounds 3] [--out benchmarks/results]
 
 For each case and backend: median time, speedup over the reference, achieved
 GB/s and GFLOP/s, the time as a multiple of the floor
 max(floor bytes / copy bandwidth, floor flops / matmul rate) measured in the
-same run, and the peak extra memory. Writes JSON (with the provenance of the
-numbers) and a PNG chart.
+same run, and the peak extra memory. The whole table is timed in several
+rounds, each time being the lowest round median: a shared machine has slow
+phases of seconds to minutes, which a single median cannot average out.
+Writes JSON (with the provenance of the numbers and every round's medians)
+and a PNG chart.
 """
 
 import argparse
@@ -167,19 +170,22 @@ def memory_only(device, threads, case_names, backends):
     print(json.dumps(peaks))
 
 
-def run(device, threads, case_names, backends):
+def run(device, threads, case_names, backends, rounds):
     torch.set_num_threads(threads)
-    before = machine_rates(device)
+    # The rates drift on shared machines too: measured before the timings and
+    # after each round, the floor takes the highest (the stricter floor).
+    rates = [machine_rates(device)]
     rows = []
     runs = selected_runs(case_names, backends)
-    times = {}
-    for case, backward, backend in runs:
-        times[case, backward, backend] = median_ms(make_step(case, backend, device, backward),
-                                                   device)
-    # The rates drift on shared machines: measured before and after the
-    # timings, the floor takes the higher (the stricter floor).
-    after = machine_rates(device)
-    bandwidth, flop_rate = max(before[0], after[0]), max(before[1], after[1])
+    steps = {key: make_step(key[0], key[2], device, key[1]) for key in runs}
+    round_ms = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key in runs:
+            round_ms[key].append(median_ms(steps[key], device))
+        rates.append(machine_rates(device))
+    del steps
+    times = {key: min(medians) for key, medians in round_ms.items()}
+    bandwidth, flop_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     child_peaks = measure_memory_in_child(device, threads, case_names, backends)
     for case, backward, backend in runs:
         ms = times[case, backward, backend]
@@ -193,6 +199,7 @@ def run(device, threads, case_names, backends):
         rows.append({
             "case": case.name, "op": case.op, "pass": "fwd+bwd" if backward else "fwd",
             "backend": backend, "ms": ms,
+            "round_ms": round_ms[case, backward, backend],
             "speedup": reference_ms / ms if reference_ms else None,
             "GB/s": bytes_ / ms / 1e6, "GFLOP/s": flops / ms / 1e6,
             "floor_ms": floor_ms, "x_floor": ms / floor_ms,
@@ -201,8 +208,7 @@ def run(device, threads, case_names, backends):
         })
         print(format_row(rows[-1]), flush=True)
     return {"provenance": provenance(device, threads), "bandwidth_GBps": bandwidth,
-            "matmul_GFLOPps": flop_rate, "rates_before": before, "rates_after": after,
-            "rows": rows}
+            "matmul_GFLOPps": flop_rate, "rates": rates, "rounds": rounds, "rows": rows}
 
 
 HEADER = (f"{'case':8} {'pass':8} {'backend':10} {'ms':>9} {'vs ref':>7} {'GB/s':>7} "
@@ -267,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
     parser.add_argument("--backends", default="", help="comma-separated (default: available)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds over the whole table (the lowest median is kept)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,11 +286,12 @@ def main(argv=None):
     if args.memory_only:
         return memory_only(args.device, args.threads, case_names, backends)
     print(HEADER)
-    result = run(args.device, args.threads, case_names, backends)
-    (bw0, mm0), (bw1, mm1) = result["rates_before"], result["rates_after"]
-    print(f"\nfloor rates (the higher of before/after the timings): copy "
-          f"{result['bandwidth_GBps']:.1f} GB/s ({bw0:.1f} / {bw1:.1f}), matmul "
-          f"{result['matmul_GFLOPps']:.1f} GFLOP/s ({mm0:.1f} / {mm1:.1f})")
+    result = run(args.device, args.threads, case_names, backends, max(1, args.rounds))
+    copies = " / ".join(f"{bw:.1f}" for bw, _ in result["rates"])
+    matmuls = " / ".join(f"{mm:.1f}" for _, mm in result["rates"])
+    print(f"\nfloor rates (the highest of {len(result['rates'])} measurements): copy "
+          f"{result['bandwidth_GBps']:.1f} GB/s ({copies}), matmul "
+          f"{result['matmul_GFLOPps']:.1f} GFLOP/s ({matmuls})")
     print(json.dumps(result["provenance"]))
     print()
     print(markdown_table(result))
