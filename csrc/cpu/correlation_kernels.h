@@ -50,8 +50,9 @@ constexpr int64_t WHOLE_STAGE_BYTES = 512 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
-// Offsets of one window row handled per register block.
-constexpr int64_t MAX_BLOCK = 9;
+// Offsets of one window row handled per register block; by the row-pair
+// kernel: 2 x 5 sums, two vectors of a and one of b, 13 of the 16 registers.
+constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = 5;
 
 // The channel stride of a staging buffer holding `elements` per channel: whole
 // cache lines, and an odd number of them. The inner loops walk the channels of
@@ -303,7 +304,8 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
   for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
   // An end pointer rather than a counter: the loop must not keep anything in
   // memory (a spilled counter puts a store-to-load chain into every step).
-  for (const acc_t* const a_end = a + count * a_cstride; a != a_end; a += a_cstride, b += b_cstride) {
+  for (const acc_t* const a_end = a + count * a_cstride; a != a_end;
+       a += a_cstride, b += b_cstride) {
     const vec av = load(a);
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) sum[j] += av * load(b + j * dil);
@@ -405,39 +407,27 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
 }
 
 // Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register
-// blocks of at most MAX_BLOCK; the arguments may use j0, the first offset.
-#define STCCL_BLOCKED(BLOCK, DIL, offsets, ...)                               \
+// blocks of at most MAXB (at most 9); the arguments may use j0, the first
+// offset. Blocks above MAXB are never instantiated.
+#define STCCL_BLOCK_CASE(J, BLOCK, MAXB, DIL, ...) \
+  case J:                                          \
+    if constexpr (J <= (MAXB)) BLOCK<J, DIL>(__VA_ARGS__); \
+    break;
+#define STCCL_BLOCKED(BLOCK, MAXB, DIL, offsets, ...)                         \
   do {                                                                        \
     int64_t j0 = 0;                                                           \
-    for (; (offsets) - j0 > MAX_BLOCK; j0 += MAX_BLOCK)                       \
-      BLOCK<MAX_BLOCK, DIL>(__VA_ARGS__);                                     \
+    for (; (offsets) - j0 > (MAXB); j0 += (MAXB))                             \
+      BLOCK<(MAXB), DIL>(__VA_ARGS__);                                        \
     switch ((offsets) - j0) {                                                 \
-      case 1: BLOCK<1, DIL>(__VA_ARGS__); break;                              \
-      case 2: BLOCK<2, DIL>(__VA_ARGS__); break;                              \
-      case 3: BLOCK<3, DIL>(__VA_ARGS__); break;                              \
-      case 4: BLOCK<4, DIL>(__VA_ARGS__); break;                              \
-      case 5: BLOCK<5, DIL>(__VA_ARGS__); break;                              \
-      case 6: BLOCK<6, DIL>(__VA_ARGS__); break;                              \
-      case 7: BLOCK<7, DIL>(__VA_ARGS__); break;                              \
-      case 8: BLOCK<8, DIL>(__VA_ARGS__); break;                              \
-      case 9: BLOCK<9, DIL>(__VA_ARGS__); break;                              \
-      default: break;                                                         \
-    }                                                                         \
-  } while (0)
-
-// STCCL_BLOCKED for correlate_pair_block, in blocks of at most 5 offsets
-// (2 x 5 sums, two vectors of a and one of b: 13 of the 16 registers).
-#define STCCL_PAIR_BLOCKED(DIL, offsets, ...)                                 \
-  do {                                                                        \
-    int64_t j0 = 0;                                                           \
-    for (; (offsets) - j0 > 5; j0 += 5)                                       \
-      correlate_pair_block<5, DIL>(__VA_ARGS__);                              \
-    switch ((offsets) - j0) {                                                 \
-      case 1: correlate_pair_block<1, DIL>(__VA_ARGS__); break;               \
-      case 2: correlate_pair_block<2, DIL>(__VA_ARGS__); break;               \
-      case 3: correlate_pair_block<3, DIL>(__VA_ARGS__); break;               \
-      case 4: correlate_pair_block<4, DIL>(__VA_ARGS__); break;               \
-      case 5: correlate_pair_block<5, DIL>(__VA_ARGS__); break;               \
+      STCCL_BLOCK_CASE(1, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(2, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(3, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(4, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(5, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(6, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(7, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(8, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
+      STCCL_BLOCK_CASE(9, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
       default: break;                                                         \
     }                                                                         \
   } while (0)
@@ -495,10 +485,11 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
               acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
               acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
               if (row0 && row1)
-                STCCL_PAIR_BLOCKED(DIL, K, a0, a1, a_cstride, b_vec + j0 * d, L.stage_cstride,
-                                   d, count, acc0 + j0 * Wv, acc1 + j0 * Wv, Wv);
+                STCCL_BLOCKED(correlate_pair_block, MAX_PAIR_BLOCK, DIL, K, a0, a1, a_cstride,
+                              b_vec + j0 * d, L.stage_cstride, d, count, acc0 + j0 * Wv,
+                              acc1 + j0 * Wv, Wv);
               else
-                STCCL_BLOCKED(correlate_block, DIL, K, row0 ? a0 : a1, a_cstride,
+                STCCL_BLOCKED(correlate_block, MAX_BLOCK, DIL, K, row0 ? a0 : a1, a_cstride,
                               b_vec + j0 * d, L.stage_cstride, d, count,
                               (row0 ? acc0 : acc1) + j0 * Wv, Wv);
             }
@@ -516,8 +507,8 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
           const acc_t* a_vec = a_rows + rr * a_rstride + xb;
           const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
           acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
-          STCCL_BLOCKED(correlate_block, DIL, offsets, a_vec, a_cstride, b_vec + j0 * d,
-                        L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+          STCCL_BLOCKED(correlate_block, MAX_BLOCK, DIL, offsets, a_vec, a_cstride,
+                        b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
         }
       }
     }
@@ -801,7 +792,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
         for (int64_t xb = 0; xb < Wv; xb += V) {
           const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
           const acc_t* x_vec = other_stage + (rr + i * d) * WB + xb;
-          STCCL_BLOCKED(gather_block, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
+          STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
                         L.stage_cstride, d, count, dst + rr * Wv + xb, L.dst_cstride);
         }
       }
@@ -935,6 +926,27 @@ STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& fram
   return *slot;
 }
 
+// A task of the temporal passes: step t (a pair, or a frame) of one band of
+// one clip, t running fastest, so that consecutive tasks of a thread share
+// frames. `frame` is the clip's frame t as an image of the (B*T) batch.
+struct ClipTask {
+  int64_t clip, band, t, frame, y0, rows, rows_b;
+};
+
+template <typename acc_t>
+STCCL_ALWAYS_INLINE ClipTask clip_task(const Layout<acc_t>& L, int64_t task, int64_t steps,
+                                       int64_t frames) {
+  ClipTask c;
+  c.clip = task / (L.bands * steps);
+  c.band = task / steps % L.bands;
+  c.t = task % steps;
+  c.frame = c.clip * frames + c.t;
+  c.y0 = c.band * L.band_rows;
+  c.rows = std::min(L.band_rows, L.H - c.y0);
+  c.rows_b = c.rows + 2 * L.pad;
+  return c;
+}
+
 template <typename scalar_t, typename acc_t>
 struct TemporalForwardArgs {
   Operand<scalar_t> v;     // (B, T, C, H, W)
@@ -965,24 +977,22 @@ template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_t, acc_t>& args,
                                                const Layout<acc_t>& L, int64_t task,
                                                TemporalWorkspace<acc_t>& ws) {
-  const int64_t T = args.frames, s = args.stride, pairs = T - s;
-  const int64_t clip = task / (L.bands * pairs), band = task / pairs % L.bands, t = task % pairs;
-  const int64_t m = clip * T + t, y0 = band * L.band_rows;
-  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t s = args.stride, pairs = args.frames - s;
+  const ClipTask c = clip_task(L, task, pairs, args.frames);
   const int64_t pad = L.pad, WB = L.WB, cs = L.stage_cstride;
-  StagedBand<acc_t>& A = stage_frame(image_view(args.v, m), args.normalize, args.eps, L, m, band,
-                                     y0, rows_b, ws.staged, ws.clock);
-  StagedBand<acc_t>& B = stage_frame(image_view(args.v, m + s), args.normalize, args.eps, L,
-                                     m + s, band, y0, rows_b, ws.staged, ws.clock);
+  StagedBand<acc_t>& A = stage_frame(image_view(args.v, c.frame), args.normalize, args.eps, L,
+                                     c.frame, c.band, c.y0, c.rows_b, ws.staged, ws.clock);
+  StagedBand<acc_t>& B = stage_frame(image_view(args.v, c.frame + s), args.normalize, args.eps, L,
+                                     c.frame + s, c.band, c.y0, c.rows_b, ws.staged, ws.clock);
   acc_t* acc = ws.acc.data();
-  std::fill_n(acc, rows * L.KK * L.Wv, acc_t(0));
+  std::fill_n(acc, c.rows * L.KK * L.Wv, acc_t(0));
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
-    correlate_chunk<ROW_PAIRS>(L, false, rows, std::min(L.chunk, L.C - c0),
+    correlate_chunk<ROW_PAIRS>(L, false, c.rows, std::min(L.chunk, L.C - c0),
                                A.stage.data() + c0 * cs + pad * WB + pad, cs, WB,
                                B.stage.data() + c0 * cs, acc);
   }
-  write_output(L, false, y0, rows, acc, A.inv.data() + pad * WB + pad, WB, B.inv.data(),
-               ws.out_rows.data(), args.out + (clip * pairs + t) * L.KK * L.H * L.W);
+  write_output(L, false, c.y0, c.rows, acc, A.inv.data() + pad * WB + pad, WB, B.inv.data(),
+               ws.out_rows.data(), args.out + (c.clip * pairs + c.t) * L.KK * L.H * L.W);
 }
 
 // One band of frame t of the clip gradient of temporal_correlation: frame t
@@ -997,10 +1007,9 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
                                                 const Layout<acc_t>& L, int64_t task,
                                                 BackwardWorkspace<acc_t>& ws) {
   const int64_t T = args.frames, s = args.stride, pairs = T - s;
-  const int64_t clip = task / (L.bands * T), band = task / T % L.bands, t = task % T;
-  const int64_t m = clip * T + t, y0 = band * L.band_rows;
-  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
-  const int64_t pair_base = clip * pairs;
+  const ClipTask c = clip_task(L, task, T, T);
+  const int64_t t = c.t, m = c.frame, band = c.band, y0 = c.y0, rows = c.rows, rows_b = c.rows_b;
+  const int64_t pair_base = c.clip * pairs;
   const bool has_next = t + s < T, has_prev = t >= s;
   const Operand<scalar_t> own = image_view(args.v, m);
   BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
