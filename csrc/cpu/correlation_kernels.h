@@ -612,7 +612,7 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
 // One operand's band as halo_norms leaves it: the staged rows (all channels
 // when the layout stages whole bands, else scratch for one chunk) and the
 // inverse norms and clamp mask over the band with its halo. `image` and
-// `band` name what it holds, for the temporal backward's reuse.
+// `band` name what it holds, for the temporal passes' reuse.
 template <typename acc_t>
 struct StagedBand {
   std::vector<acc_t> stage;      // [C or chunk] x stage_cstride
@@ -802,7 +802,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 
 // grad[c][p] = scale_p * dst - shift_p * own_p, own from its staged rows. A
 // channel's rows of a band are one contiguous run of the (contiguous)
-// gradient: computed into `run` (band_rows * W scalars), then streamed out.
+// gradient: computed into run_buffer, then streamed out.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
                                         int64_t count, int64_t y0, int64_t rows,

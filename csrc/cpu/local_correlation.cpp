@@ -22,7 +22,8 @@ template <typename scalar_t>
 Operand<scalar_t> operand(const at::Tensor& t) {
   const scalar_t* data = t.const_data_ptr<scalar_t>();
   const auto* storage_end = static_cast<const char*>(t.storage().data()) + t.storage().nbytes();
-  const int64_t readable = (storage_end - reinterpret_cast<const char*>(data)) / int64_t(sizeof(scalar_t));
+  const int64_t readable =
+      (storage_end - reinterpret_cast<const char*>(data)) / int64_t(sizeof(scalar_t));
   return {data, strides4(t), data + readable};
 }
 
