@@ -12,8 +12,9 @@ pytestmark = needs_extension
 
 
 @pytest.fixture
-def generic_path():
-    _ops._C._set_cpu_isa("generic")
+def cpu_path(request):
+    """The CPU SIMD build to run ("generic" unless parametrized indirectly)."""
+    _ops._C._set_cpu_isa(getattr(request, "param", "generic"))
     yield
     _ops._C._set_cpu_isa("auto")
 
@@ -29,7 +30,7 @@ def test_build_info_reports_the_build():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K,dilation", [(3, 1), (5, 2), (11, 1)])
-def test_portable_path_matches_reference(generic_path, dtype, K, dilation):
+def test_portable_path_matches_reference(cpu_path, dtype, K, dilation):
     assert stccl_ops.build_info()["cpu_simd_path"] == "generic"
     a = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
     b = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
@@ -136,19 +137,15 @@ def test_temporal_passes_reuse_staged_frames_correctly(frame_stride, channels, K
     assert_close(got, want, "grad")
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic"])
-def test_temporal_passes_on_strided_clips(isa):
+@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+def test_temporal_passes_on_strided_clips(cpu_path):
     """Every other frame of a clip, channels last within each frame: the
     temporal passes read frames in place, on both SIMD builds."""
-    _ops._C._set_cpu_isa(isa)
-    try:
-        base = torch.randn(2, 9, 11, 13, 5, dtype=torch.float64)
-        v = leaf(base[:, ::2].permute(0, 1, 4, 2, 3))
-        assert not v.is_contiguous()
-        g = torch.randn(2, 4, 9, 11, 13, dtype=torch.float64)
-        out, (got,) = grads(lambda x: stccl_ops.temporal_correlation(x, 3, backend="cpp"), (v,), g)
-        ref, (want,) = grads(lambda x: reference.temporal_correlation(x, 3), (v,), g)
-        assert_close(out, ref)
-        assert_close(got, want, "grad")
-    finally:
-        _ops._C._set_cpu_isa("auto")
+    base = torch.randn(2, 9, 11, 13, 5, dtype=torch.float64)
+    v = leaf(base[:, ::2].permute(0, 1, 4, 2, 3))
+    assert not v.is_contiguous()
+    g = torch.randn(2, 4, 9, 11, 13, dtype=torch.float64)
+    out, (got,) = grads(lambda x: stccl_ops.temporal_correlation(x, 3, backend="cpp"), (v,), g)
+    ref, (want,) = grads(lambda x: reference.temporal_correlation(x, 3), (v,), g)
+    assert_close(out, ref)
+    assert_close(got, want, "grad")

@@ -625,24 +625,37 @@ struct StagedBand {
         pass(inv.size()) {}
 };
 
+// A thread's staged bands, each built (zeroed, up to 512 KiB of staged rows)
+// only when a pass first asks for it: the spatial backward takes one or two,
+// the temporal passes three.
+template <typename acc_t>
+struct StagedBands {
+  static constexpr size_t MAX = 3;
+  const Layout<acc_t>& layout;
+  std::vector<StagedBand<acc_t>> slots;  // never beyond MAX: references stay valid
+  uint64_t clock = 0;
+  explicit StagedBands(const Layout<acc_t>& L) : layout(L) { slots.reserve(MAX); }
+  StagedBand<acc_t>& operator[](size_t i) {
+    while (slots.size() <= i && slots.size() < MAX) slots.emplace_back(layout);
+    return slots[i];
+  }
+};
+
 // Per-thread scratch of the backward pass (rows are the band with its halo).
 template <typename acc_t>
 struct BackwardWorkspace {
-  // a and b (the spatial backward), or the frames t, t + s, t - s.
-  std::vector<StagedBand<acc_t>> staged;
-  uint64_t clock = 0;
+  StagedBands<acc_t> staged;  // a and b (spatial), or the frames t, t + s, t - s
   std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
   std::vector<acc_t> dst_a, dst_b;                 // [chunk] x dst_cstride
   std::vector<acc_t> grad_rows;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
-      : w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
+      : staged(L),
+        w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
         dst_a(L.chunk * L.dst_cstride), dst_b(dst_a.size()),
-        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {
-    for (int slot = 0; slot < 3; ++slot) staged.emplace_back(L);  // built in place, not copied
-  }
+        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -899,21 +912,19 @@ struct TemporalBackwardArgs {
 };
 
 // Frame `image` of a clip, band `band`, through halo_norms into one of the
-// slots; when a slot already holds it (a previous task of the thread staged
-// it, maybe in another role), that slot is returned as it is. The slot
-// reused otherwise is the one used longest ago, never one this task took
-// (a task takes at most as many frames as there are slots).
+// staged bands; when one already holds it (a previous task of the thread
+// staged it, maybe in another role), that one is returned as it is. The one
+// reused otherwise is the one used longest ago, never one this task took (a
+// task takes at most StagedBands::MAX frames).
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& frame, bool normalize,
                                                    acc_t eps, const Layout<acc_t>& L,
                                                    int64_t image, int64_t band, int64_t y0,
-                                                   int64_t rows_b,
-                                                   std::vector<StagedBand<acc_t>>& slots,
-                                                   uint64_t& clock) {
-  StagedBand<acc_t>* slot = &slots[0];
-  for (auto& candidate : slots) {
+                                                   int64_t rows_b, StagedBands<acc_t>& bands) {
+  StagedBand<acc_t>* slot = &bands[StagedBands<acc_t>::MAX - 1];  // builds all of them
+  for (auto& candidate : bands.slots) {
     if (candidate.image == image && candidate.band == band) {
-      candidate.last_use = ++clock;
+      candidate.last_use = ++bands.clock;
       return candidate;
     }
     if (candidate.last_use < slot->last_use) slot = &candidate;
@@ -922,7 +933,7 @@ STCCL_ALWAYS_INLINE StagedBand<acc_t>& stage_frame(const Operand<scalar_t>& fram
              slot->pass.data());
   slot->image = image;
   slot->band = band;
-  slot->last_use = ++clock;
+  slot->last_use = ++bands.clock;
   return *slot;
 }
 
@@ -959,13 +970,12 @@ struct TemporalForwardArgs {
 // Per-thread scratch of the temporal forward.
 template <typename acc_t>
 struct TemporalWorkspace {
-  std::vector<StagedBand<acc_t>> staged;  // frames, whole bands
-  uint64_t clock = 0;
+  StagedBands<acc_t> staged;  // frames, whole bands
   std::vector<acc_t> acc, out_rows;
   explicit TemporalWorkspace(const Layout<acc_t>& L)
-      : acc(L.band_rows * L.KK * L.Wv), out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {
-    for (int slot = 0; slot < 3; ++slot) staged.emplace_back(L);
-  }
+      : staged(L),
+        acc(L.band_rows * L.KK * L.Wv),
+        out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
 };
 
 // One band of pair t (frames t and t + s) of temporal_correlation, for
@@ -981,9 +991,9 @@ STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_
   const ClipTask c = clip_task(L, task, pairs, args.frames);
   const int64_t pad = L.pad, WB = L.WB, cs = L.stage_cstride;
   StagedBand<acc_t>& A = stage_frame(image_view(args.v, c.frame), args.normalize, args.eps, L,
-                                     c.frame, c.band, c.y0, c.rows_b, ws.staged, ws.clock);
+                                     c.frame, c.band, c.y0, c.rows_b, ws.staged);
   StagedBand<acc_t>& B = stage_frame(image_view(args.v, c.frame + s), args.normalize, args.eps, L,
-                                     c.frame + s, c.band, c.y0, c.rows_b, ws.staged, ws.clock);
+                                     c.frame + s, c.band, c.y0, c.rows_b, ws.staged);
   acc_t* acc = ws.acc.data();
   std::fill_n(acc, c.rows * L.KK * L.Wv, acc_t(0));
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
@@ -1015,14 +1025,14 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
                                      args.normalize, false, args.eps};
   StagedBand<acc_t>& own_band =
-      stage_frame(own, args.normalize, args.eps, L, m, band, y0, rows_b, ws.staged, ws.clock);
+      stage_frame(own, args.normalize, args.eps, L, m, band, y0, rows_b, ws.staged);
   StagedBand<acc_t>* next_band = nullptr;
   StagedBand<acc_t>* prev_band = nullptr;
   Operand<scalar_t> next = own, prev = own;
   if (has_next) {
     next = image_view(args.v, m + s);
     next_band = &stage_frame(next, args.normalize, args.eps, L, m + s, band, y0, rows_b,
-                             ws.staged, ws.clock);
+                             ws.staged);
     term.grad_out = image_view(args.grad_out, pair_base + t);
     term.out = image_view(args.out, pair_base + t);
     gradient_weights(term, L, GradMode::A, 0, y0, rows, own_band.inv.data(),
@@ -1032,7 +1042,7 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   if (has_prev) {
     prev = image_view(args.v, m - s);
     prev_band = &stage_frame(prev, args.normalize, args.eps, L, m - s, band, y0, rows_b,
-                             ws.staged, ws.clock);
+                             ws.staged);
     term.grad_out = image_view(args.grad_out, pair_base + t - s);
     term.out = image_view(args.out, pair_base + t - s);
     gradient_weights(term, L, GradMode::B, 0, y0, rows, own_band.inv.data(),

@@ -148,21 +148,16 @@ at::Tensor temporal_correlation_forward(const at::Tensor& v, int64_t kernel_size
                                         int64_t frame_stride) {
   const auto [a, b] = frame_pairs(v, frame_stride);
   const auto shape = dims(v);
-  bool whole_stage = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_layout", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    whole_stage = Layout<acc_t>(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation,
-                                /*cover_halo=*/true).whole_stage;
-  });
-  if (!whole_stage)
-    return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
-  auto out = at::empty(correlation_shape(a, kernel_size), v.options());
-  if (out.numel() == 0) return out;
+  const auto out_shape = correlation_shape(a, kernel_size);
+  at::Tensor out;  // stays undefined when the bands do not fit
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t pairs = v.size(1) - frame_stride;
     Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], kernel_size, dilation,
                     /*cover_halo=*/true);
+    if (!L.whole_stage) return;
+    out = at::empty(out_shape, v.options());
+    if (out.numel() == 0) return;
+    const int64_t pairs = v.size(1) - frame_stride;
     L.N = v.size(0) * pairs;  // tasks: (clip, band, pair)
     const TemporalForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(v),
                                                     out.mutable_data_ptr<scalar_t>(), v.size(1),
@@ -170,6 +165,8 @@ at::Tensor temporal_correlation_forward(const at::Tensor& v, int64_t kernel_size
                                                     static_cast<acc_t>(eps)};
     run_bands<TemporalWorkspace<acc_t>>(L, args, STCCL_PICK(temporal_forward_band));
   });
+  if (!out.defined())
+    return correlation_forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
   return out;
 }
 
