@@ -147,6 +147,7 @@ struct Layout {
   int64_t a_cstride;      // channel stride of the forward's staged a: [band_rows][Wv]
   int64_t stage_cstride;  // of the staged rows with the halo: [rows_b][WB]
   int64_t dst_cstride;    // of the backward's per-chunk sums: [band_rows][Wv]
+  int64_t run_cstride;    // of its gradient runs: [band_rows * W], one vector to spare
   bool whole_stage; // the backward stages all channels of a band at once
 
   // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
@@ -176,6 +177,7 @@ struct Layout {
     const int64_t chunks = (std::max<int64_t>(C, 1) + chunk - 1) / chunk;
     chunk = (std::max<int64_t>(C, 1) + chunks - 1) / chunks;
     a_cstride = dst_cstride = channel_stride<acc_t>(band_rows * Wv);
+    run_cstride = channel_stride<acc_t>(band_rows * W + V);
     stage_cstride = channel_stride<acc_t>(rows_b * WB);
     whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
   }
@@ -376,19 +378,40 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
   }
 }
 
-// For windows of up to 3 x 3: dst[cc] = sum over the whole window of
-// w[i][j] * x[cc][i * dil rows + j * dil], all K*K weights in registers, so
-// each channel's sum is stored once instead of loaded and stored per row.
-template <int KW, int DIL, typename acc_t>
+// The last step of a gradient, grad[c][p] = scale_p * sum_p - shift_p * own[c][p]
+// with own from its staged rows, written to `runs`: a channel's rows of the
+// band one after the other (W apart), channels run_cstride apart. At one
+// (row, x vector) position: the pointers below already point there.
+template <typename acc_t>
+struct GradientEpilogue {
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* own;
+  int64_t own_cstride;
+  acc_t* runs;
+  int64_t run_cstride;
+};
+
+// For windows of up to 3 x 3: the sum over the whole window of
+// w[i][j] * x[cc][i * dil rows + j * dil] (plus dst[cc] when accumulating),
+// all K*K weights in registers, so each channel's sum is stored once instead
+// of loaded and stored per row. Stored to dst[cc], or (FINAL) through the
+// gradient epilogue, whose scale and shift also stay in registers.
+template <int KW, int DIL, bool FINAL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const acc_t* x,
                                        int64_t x_cstride, int64_t x_rstride, int64_t dil_rt,
                                        int64_t count, acc_t* dst, int64_t dst_cstride,
-                                       bool accumulate) {
+                                       bool accumulate, GradientEpilogue<acc_t> epi) {
   using vec = typename Simd<acc_t>::vec;
   const int64_t dil = DIL > 0 ? DIL : dil_rt;
   vec wv[KW * KW];
 #pragma GCC unroll 16
   for (int k = 0; k < KW * KW; ++k) wv[k] = load(w + k * w_stride);
+  vec scale{}, shift{};
+  if constexpr (FINAL) {
+    scale = load(epi.scale);
+    shift = load(epi.shift);
+  }
   for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
     // One partial sum per window row: short chains of dependent FMAs.
     vec s[KW];
@@ -402,7 +425,12 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
     vec total = accumulate ? load(dst) : vec{};
 #pragma GCC unroll 16
     for (int i = 0; i < KW; ++i) total += s[i];
-    store(dst, total);
+    if constexpr (FINAL) {
+      store(epi.runs + cc * epi.run_cstride, scale * total - shift * load(epi.own));
+      epi.own += epi.own_cstride;
+    } else {
+      store(dst, total);
+    }
   }
 }
 
@@ -539,7 +567,10 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
         const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
         scalar_t* o = run + rr * L.W;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          // Whole vectors (see write_gradient).
+          // Whole vectors: a row's last vector runs into the next row's
+          // start, written after it (the buffer has one vector to spare for
+          // the last row). Short rows (W = 14) spent most of this loop in a
+          // scalar tail.
           for (int64_t x = 0; x < L.W; x += V)
             store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
         } else {
@@ -647,15 +678,17 @@ struct BackwardWorkspace {
   StagedBands<acc_t> staged;  // a and b (spatial), or the frames t, t + s, t - s
   std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
   std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
-  std::vector<acc_t> dst_a, dst_b;                 // [chunk] x dst_cstride
-  std::vector<acc_t> grad_rows;  // one channel's gradient rows of a band, in scalar_t
+  std::vector<acc_t> dst;                          // [chunk] x dst_cstride
+  std::vector<acc_t> runs;                         // [chunk] x run_cstride
+  std::vector<acc_t> converted;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
       : staged(L),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
-        dst_a(L.chunk * L.dst_cstride), dst_b(dst_a.size()),
-        grad_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
+        dst(L.chunk * L.dst_cstride),
+        runs(L.chunk * L.run_cstride),
+        converted(L.band_rows * L.W) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -771,13 +804,23 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   }
 }
 
-// dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk.
+// dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;
+// with `final` (positioned at the band's first row), the last term of a
+// gradient: the sums go on through the epilogue into its runs.
 template <typename acc_t>
 STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
                                       const acc_t* w, const acc_t* other_stage, acc_t* dst,
-                                      bool accumulate) {
+                                      bool accumulate, const GradientEpilogue<acc_t>* final) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, W = L.W, Wv = L.Wv, WB = L.WB;
+  // The epilogue at row rr, x vector xb.
+  auto epilogue_at = [&](int64_t rr, int64_t xb) {
+    GradientEpilogue<acc_t> e{};
+    if (final)
+      e = {final->scale + rr * Wv + xb, final->shift + rr * Wv + xb, final->own + rr * WB + xb,
+           final->own_cstride, final->runs + rr * W + xb, final->run_cstride};
+    return e;
+  };
   if (K <= 3) {
     STCCL_WITH_DILATION(d, {
       for (int64_t rr = 0; rr < rows; ++rr) {
@@ -785,14 +828,21 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const acc_t* w_vec = w + rr * KK * Wv + xb;
           const acc_t* x_vec = other_stage + rr * WB + xb;
           acc_t* d_vec = dst + rr * Wv + xb;
-          if (K == 3)
-            gather_window<3, DIL>(w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec,
-                                  L.dst_cstride,
-                                  accumulate);
-          else
-            gather_window<1, DIL>(w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec,
-                                  L.dst_cstride,
-                                  accumulate);
+          const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
+          auto run = [&](auto kw, auto is_final) {
+            gather_window<decltype(kw)::value, DIL, decltype(is_final)::value>(
+                w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec, L.dst_cstride,
+                accumulate, e);
+          };
+          using one = std::integral_constant<int, 1>;
+          using three = std::integral_constant<int, 3>;
+          if (K == 3) {
+            if (final) run(three{}, std::true_type{});
+            else run(three{}, std::false_type{});
+          } else {
+            if (final) run(one{}, std::true_type{});
+            else run(one{}, std::false_type{});
+          }
         }
       }
     });
@@ -811,39 +861,40 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
       }
     }
   });
+  if (!final) return;
+  using vec = typename Simd<acc_t>::vec;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    // Rows in order: a row's last vector runs into the next row's start,
+    // which is written after it.
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t xb = 0; xb < Wv; xb += V) {
+        const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
+        const vec total = load(dst + cc * L.dst_cstride + rr * Wv + xb);
+        store(e.runs + cc * e.run_cstride,
+              load(e.scale) * total - load(e.shift) * load(e.own + cc * e.own_cstride));
+      }
+    }
+  }
 }
 
-// grad[c][p] = scale_p * dst - shift_p * own_p, own from its staged rows. A
-// channel's rows of a band are one contiguous run of the (contiguous)
-// gradient: computed into run_buffer, then streamed out.
+// Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
+// converted to scalar_t through one channel's buffer when it is not acc_t.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
                                         int64_t count, int64_t y0, int64_t rows,
-                                        const acc_t* dst, const acc_t* scale, const acc_t* shift,
-                                        const acc_t* own_stage, acc_t* run_buffer,
+                                        const acc_t* runs, acc_t* convert_buffer,
                                         scalar_t* grad) {
-  scalar_t* run = reinterpret_cast<scalar_t*>(run_buffer);
+  const int64_t elements = rows * L.W;
   for (int64_t cc = 0; cc < count; ++cc) {
-    for (int64_t rr = 0; rr < rows; ++rr) {
-      const acc_t* s = dst + cc * L.dst_cstride + rr * L.Wv;
-      const acc_t* own = own_stage + cc * L.stage_cstride + (rr + L.pad) * L.WB + L.pad;
-      const acc_t* sc = scale + rr * L.Wv;
-      const acc_t* sh = shift + rr * L.Wv;
-      scalar_t* g = run + rr * L.W;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // Whole vectors: every input row is padded to Wv, and what the last
-        // vector writes past W lands on the next row's start, written after
-        // it (the buffer has one vector to spare for the last row). Short
-        // rows (W = 14) spent most of this loop in a scalar tail.
-        for (int64_t x = 0; x < L.W; x += Simd<acc_t>::lanes)
-          store(g + x, load(sc + x) * load(s + x) - load(sh + x) * load(own + x));
-      } else {
-        for (int64_t x = 0; x < L.W; ++x)
-          g[x] = static_cast<scalar_t>(sc[x] * s[x] - sh[x] * own[x]);
-      }
+    const acc_t* run = runs + cc * L.run_cstride;
+    const void* src = run;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* converted = reinterpret_cast<scalar_t*>(convert_buffer);
+      for (int64_t i = 0; i < elements; ++i) converted[i] = static_cast<scalar_t>(run[i]);
+      src = converted;
     }
-    stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, run,
-                rows * L.W * int64_t(sizeof(scalar_t)));
+    stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
+                elements * int64_t(sizeof(scalar_t)));
   }
 }
 
@@ -879,14 +930,20 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
     const acc_t* b_rows = two ? stage_chunk(args.b, L, n, c0, count, y0, rows_b, b_stage) : a_rows;
     if (args.grad_a) {
-      gather_chunk(L, rows, count, ws.w_a.data(), b_rows, ws.dst_a.data(), false);
-      write_gradient(L, n, c0, count, y0, rows, ws.dst_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data(), a_rows, ws.grad_rows.data(), args.grad_a);
+      const GradientEpilogue<acc_t> final{ws.scale_a.data(), ws.shift_a.data(),
+                                          a_rows + L.pad * L.WB + L.pad, L.stage_cstride,
+                                          ws.runs.data(), L.run_cstride};
+      gather_chunk(L, rows, count, ws.w_a.data(), b_rows, ws.dst.data(), false, &final);
+      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(),
+                     args.grad_a);
     }
     if (args.grad_b) {
-      gather_chunk(L, rows, count, ws.w_b.data(), a_rows, ws.dst_b.data(), false);
-      write_gradient(L, n, c0, count, y0, rows, ws.dst_b.data(), ws.scale_b.data(),
-                     ws.shift_b.data(), b_rows, ws.grad_rows.data(), args.grad_b);
+      const GradientEpilogue<acc_t> final{ws.scale_b.data(), ws.shift_b.data(),
+                                          b_rows + L.pad * L.WB + L.pad, L.stage_cstride,
+                                          ws.runs.data(), L.run_cstride};
+      gather_chunk(L, rows, count, ws.w_b.data(), a_rows, ws.dst.data(), false, &final);
+      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(),
+                     args.grad_b);
     }
   }
 }
@@ -1058,26 +1115,21 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
-    acc_t* dst = ws.dst_a.data();
-    if (!has_next && !has_prev) {  // a frame in no pair (T < 2s): zero gradient
-      std::fill_n(dst, count * L.dst_cstride, acc_t(0));
-    }
+    const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.pad * L.WB + L.pad,
+                                        L.stage_cstride, ws.runs.data(), L.run_cstride};
     if (has_next) {
       gather_chunk(L, rows, count, ws.w_a.data(),
-                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()), dst,
-                   false);
+                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()),
+                   ws.dst.data(), false, has_prev ? nullptr : &final);
     }
     if (has_prev) {
       gather_chunk(L, rows, count, ws.w_b.data(),
-                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()), dst,
-                   has_next);
+                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()),
+                   ws.dst.data(), has_next, &final);
     }
-    if (!has_next && !has_prev) {
-      std::fill_n(shift, rows * L.Wv, acc_t(0));
-      scale = shift;
-    }
-    write_gradient(L, m, c0, count, y0, rows, dst, scale, shift, own_rows, ws.grad_rows.data(),
-                   args.grad);
+    if (!has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
+      std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));
+    write_gradient(L, m, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
   }
 }
 
