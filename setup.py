@@ -122,7 +122,9 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     openmp = compiler_has_openmp()
-    cxx = ["-O3", "-ffp-contract=fast", "-Wno-psabi",
+    # -fno-math-errno: sqrt never sets errno, so the loops over inverse norms
+    # vectorise (the square sums are never negative anyway).
+    cxx = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi",
            f'-DSTCCL_TORCH_VERSION="{torch.__version__}"']
     link = []
     if openmp:

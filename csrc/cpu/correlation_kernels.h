@@ -616,25 +616,26 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
     }
   }
 
-  // Inverse norms (1 in raw mode), 0 outside the image.
+  // Inverse norms (1 in raw mode), 0 outside the image; the inner loops are
+  // branch-free, so that they vectorise.
   acc_t* inv_b = ws.inv_b.data();
+  std::fill_n(inv_b, rows_b * WB, acc_t(0));
   for (int64_t row = 0; row < rows_b; ++row) {
     const int64_t y = y0 - pad + row;
-    for (int64_t xp = 0; xp < WB; ++xp) {
-      const int64_t x = xp - pad;
-      acc_t v = 0;
-      if (in_image(y, x, L.H, L.W))
-        v = args.normalize ? inverse_norm(sum_b[row * WB + xp], args.eps) : acc_t(1);
-      inv_b[row * WB + xp] = v;
-    }
+    if (y < 0 || y >= L.H) continue;
+    acc_t* inv_x = inv_b + row * WB + pad;
+    const acc_t* sum_x = sum_b + row * WB + pad;
+    if (!args.normalize) std::fill_n(inv_x, L.W, acc_t(1));
+    else
+      for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(sum_x[x], args.eps);
   }
   acc_t* inv_a = ws.inv_a.data();
   for (int64_t rr = 0; rr < rows; ++rr) {
-    for (int64_t x = 0; x < L.W; ++x) {
-      inv_a[rr * Wv + x] = !args.normalize ? acc_t(1)
-                           : args.self     ? inv_b[(rr + pad) * WB + pad + x]
-                                           : inverse_norm(sum_a[rr * Wv + x], args.eps);
-    }
+    acc_t* inv_x = inv_a + rr * Wv;
+    if (!args.normalize) std::fill_n(inv_x, L.W, acc_t(1));
+    else if (args.self) std::copy_n(inv_b + (rr + pad) * WB + pad, L.W, inv_x);
+    else
+      for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(sum_a[rr * Wv + x], args.eps);
   }
   write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
                args.out + n * L.KK * L.H * L.W);
@@ -717,14 +718,20 @@ STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, bool normalize, 
                  WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
                  normalize ? inv : nullptr);
   }
+  std::fill_n(pass, rows_b * WB, acc_t(0));
   for (int64_t row = 0; row < rows_b; ++row) {
-    for (int64_t xp = 0; xp < WB; ++xp) {
-      const int64_t i = row * WB + xp;
-      const bool inside = in_image(y0 - pad + row, xp - pad, L.H, L.W);
-      const acc_t sum_sq = inv[i];
-      inv[i] = !inside ? acc_t(0) : normalize ? inverse_norm(sum_sq, eps) : acc_t(1);
-      pass[i] = inside && normalize && norm_passes_clamp(sum_sq, eps) ? acc_t(1) : acc_t(0);
+    const int64_t y = y0 - pad + row;
+    if (y < 0 || y >= L.H) continue;  // zeros, as the margins of every row
+    acc_t* inv_x = inv + row * WB + pad;
+    acc_t* pass_x = pass + row * WB + pad;
+    if (!normalize) {
+      std::fill_n(inv_x, L.W, acc_t(1));
+      continue;
     }
+    // Two loops: each vectorises, one loop with both does not.
+    for (int64_t x = 0; x < L.W; ++x)
+      pass_x[x] = norm_passes_clamp(inv_x[x], eps) ? acc_t(1) : acc_t(0);
+    for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(inv_x[x], eps);
   }
 }
 
