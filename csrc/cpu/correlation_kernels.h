@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
@@ -94,6 +95,29 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
+
+// Allocates cache-line-aligned storage for the scratch buffers, whose
+// channel strides are whole lines: the inner loops' vector loads then split a
+// line only where an offset makes them. From malloc (16-byte aligned, or page
+// + 16 for large buffers) half the loads of a and of the sums split one, and
+// the forward's inner loop ran 35% slower (S3 shape, in L2).
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
 
 template <typename acc_t>
 struct Simd;
@@ -187,8 +211,8 @@ struct Layout {
 // Per-thread scratch of the forward pass, allocated once per parallel range.
 template <typename acc_t>
 struct Workspace {
-  std::vector<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b;
-  std::vector<acc_t> out_rows;  // one offset's output rows of a band, in scalar_t
+  Buffer<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b;
+  Buffer<acc_t> out_rows;  // one offset's output rows of a band, in scalar_t
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.a_cstride),
         b_stage(L.chunk * L.stage_cstride),
@@ -647,8 +671,8 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
 // `band` name what it holds, for the temporal passes' reuse.
 template <typename acc_t>
 struct StagedBand {
-  std::vector<acc_t> stage;      // [C or chunk] x stage_cstride
-  std::vector<acc_t> inv, pass;  // [rows_b][WB]
+  Buffer<acc_t> stage;      // [C or chunk] x stage_cstride
+  Buffer<acc_t> inv, pass;  // [rows_b][WB]
   int64_t image = -1, band = -1;
   uint64_t last_use = 0;
   explicit StagedBand(const Layout<acc_t>& L)
@@ -677,11 +701,11 @@ struct StagedBands {
 template <typename acc_t>
 struct BackwardWorkspace {
   StagedBands<acc_t> staged;  // a and b (spatial), or the frames t, t + s, t - s
-  std::vector<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
-  std::vector<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
-  std::vector<acc_t> dst;                          // [chunk] x dst_cstride
-  std::vector<acc_t> runs;                         // [chunk] x run_cstride
-  std::vector<acc_t> converted;  // one channel's gradient rows of a band, in scalar_t
+  Buffer<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
+  Buffer<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
+  Buffer<acc_t> dst;                          // [chunk] x dst_cstride
+  Buffer<acc_t> runs;                         // [chunk] x run_cstride
+  Buffer<acc_t> converted;  // one channel's gradient rows of a band, in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
       : staged(L),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
@@ -1035,7 +1059,7 @@ struct TemporalForwardArgs {
 template <typename acc_t>
 struct TemporalWorkspace {
   StagedBands<acc_t> staged;  // frames, whole bands
-  std::vector<acc_t> acc, out_rows;
+  Buffer<acc_t> acc, out_rows;
   explicit TemporalWorkspace(const Layout<acc_t>& L)
       : staged(L),
         acc(L.band_rows * L.KK * L.Wv),
