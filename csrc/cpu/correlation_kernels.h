@@ -459,7 +459,9 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
 }
 
 // Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register
-// blocks of at most MAXB (at most 9); the arguments may use j0, the first
+// blocks of at most MAXB (at most 9), as equal as can be (K = 7 in pairs:
+// 4 + 3, not 5 + 2: a block's sums are its chains of dependent FMAs, and 2 x 2
+// chains cannot cover the FMA latency); the arguments may use j0, the first
 // offset. Blocks above MAXB are never instantiated.
 #define STCCL_BLOCK_CASE(J, BLOCK, MAXB, DIL, ...) \
   case J:                                          \
@@ -467,20 +469,21 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
     break;
 #define STCCL_BLOCKED(BLOCK, MAXB, DIL, offsets, ...)                         \
   do {                                                                        \
-    int64_t j0 = 0;                                                           \
-    for (; (offsets) - j0 > (MAXB); j0 += (MAXB))                             \
-      BLOCK<(MAXB), DIL>(__VA_ARGS__);                                        \
-    switch ((offsets) - j0) {                                                 \
-      STCCL_BLOCK_CASE(1, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(2, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(3, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(4, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(5, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(6, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(7, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(8, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      STCCL_BLOCK_CASE(9, BLOCK, MAXB, DIL, __VA_ARGS__)                      \
-      default: break;                                                         \
+    const int64_t stccl_blocks = ((offsets) + (MAXB) - 1) / (MAXB);           \
+    const int64_t stccl_size = ((offsets) + stccl_blocks - 1) / stccl_blocks; \
+    for (int64_t j0 = 0; j0 < (offsets); j0 += stccl_size) {                  \
+      switch (std::min<int64_t>(stccl_size, (offsets) - j0)) {                \
+        STCCL_BLOCK_CASE(1, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(2, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(3, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(4, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(5, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(6, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(7, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(8, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(9, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        default: break;                                                       \
+      }                                                                       \
     }                                                                         \
   } while (0)
 
@@ -536,14 +539,15 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
               const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
               acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
               acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
-              if (row0 && row1)
+              if (row0 && row1) {
                 STCCL_BLOCKED(correlate_pair_block, MAX_PAIR_BLOCK, DIL, K, a0, a1, a_cstride,
                               b_vec + j0 * d, L.stage_cstride, d, count, acc0 + j0 * Wv,
                               acc1 + j0 * Wv, Wv);
-              else
+              } else {
                 STCCL_BLOCKED(correlate_block, MAX_BLOCK, DIL, K, row0 ? a0 : a1, a_cstride,
                               b_vec + j0 * d, L.stage_cstride, d, count,
                               (row0 ? acc0 : acc1) + j0 * Wv, Wv);
+              }
             }
           }
         }
