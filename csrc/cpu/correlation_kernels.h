@@ -32,6 +32,9 @@
 #include "../index_math.h"
 
 #define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
+// For lambdas in the kernels: a lambda does not take the target("avx2,fma")
+// of the function it sits in, so only inlined does its code get AVX2.
+#define STCCL_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace stccl::cpu {
 
@@ -852,7 +855,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, W = L.W, Wv = L.Wv, WB = L.WB;
   // The epilogue at row rr, x vector xb.
-  auto epilogue_at = [&](int64_t rr, int64_t xb) {
+  auto epilogue_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
     GradientEpilogue<acc_t> e{};
     if (final)
       e = {final->scale + rr * Wv + xb, final->shift + rr * Wv + xb, final->own + rr * WB + xb,
@@ -867,7 +870,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const acc_t* x_vec = other_stage + rr * WB + xb;
           acc_t* d_vec = dst + rr * Wv + xb;
           const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
-          auto run = [&](auto kw, auto is_final) {
+          auto run = [&](auto kw, auto is_final) STCCL_LAMBDA_INLINE {
             gather_window<decltype(kw)::value, DIL, decltype(is_final)::value>(
                 w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec, L.dst_cstride,
                 accumulate, e);
@@ -967,22 +970,20 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
     const acc_t* b_rows = two ? stage_chunk(args.b, L, n, c0, count, y0, rows_b, b_stage) : a_rows;
-    if (args.grad_a) {
-      const GradientEpilogue<acc_t> final{ws.scale_a.data(), ws.shift_a.data(),
-                                          a_rows + L.pad * L.WB + L.pad, L.stage_cstride,
-                                          ws.runs.data(), L.run_cstride};
-      gather_chunk(L, rows, count, ws.w_a.data(), b_rows, ws.dst.data(), false, &final);
-      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(),
-                     args.grad_a);
-    }
-    if (args.grad_b) {
-      const GradientEpilogue<acc_t> final{ws.scale_b.data(), ws.shift_b.data(),
-                                          b_rows + L.pad * L.WB + L.pad, L.stage_cstride,
-                                          ws.runs.data(), L.run_cstride};
-      gather_chunk(L, rows, count, ws.w_b.data(), a_rows, ws.dst.data(), false, &final);
-      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(),
-                     args.grad_b);
-    }
+    // One gradient's chunk: gathered from the other operand's rows, finished
+    // with its own.
+    auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
+                        const acc_t* own_rows, const acc_t* other_rows,
+                        scalar_t* grad) STCCL_LAMBDA_INLINE {
+      const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.pad * L.WB + L.pad,
+                                          L.stage_cstride, ws.runs.data(), L.run_cstride};
+      gather_chunk(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
+      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
+    };
+    if (args.grad_a)
+      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), a_rows, b_rows, args.grad_a);
+    if (args.grad_b)
+      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), b_rows, a_rows, args.grad_b);
   }
 }
 
