@@ -217,14 +217,13 @@ struct Layout {
 // Per-thread scratch of the forward pass, allocated once per parallel range.
 template <typename acc_t>
 struct Workspace {
-  Buffer<acc_t> a_stage, b_stage, acc, sum_a, sum_b, inv_a, inv_b;
+  Buffer<acc_t> a_stage, b_stage, acc;
+  Buffer<acc_t> inv_a, inv_b;  // sums of squares, then inverse norms in place
   Buffer<acc_t> out_rows;  // one offset's output rows of a band, in scalar_t
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.a_cstride),
         b_stage(L.chunk * L.stage_cstride),
         acc(L.band_rows * L.KK * L.Wv),
-        sum_a(L.band_rows * L.Wv),
-        sum_b(L.rows_b * L.WB),
         inv_a(L.band_rows * L.Wv),
         inv_b(L.rows_b * L.WB),
         out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
@@ -319,6 +318,34 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
         for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x * sx]);
       }
     }
+  }
+}
+
+// Turns the sums of squares that stage_rows added up in `inv` (rows
+// [y_first, y_first + rows) of the image, `stride` apart, the image's columns
+// at [lead, lead + W)) into inverse norms in place: 1 in raw mode, where no
+// sums were taken; entries outside the image keep their zeros. `pass`, when
+// given, gets the clamp mask (0 outside the image and in raw mode). The loops
+// have no branches, so they vectorise; two loops, as one with both does not.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void inverse_norms_in_place(const Layout<acc_t>& L, bool normalize, acc_t eps,
+                                                int64_t y_first, int64_t rows, int64_t stride,
+                                                int64_t lead, acc_t* inv, acc_t* pass) {
+  if (pass != nullptr) std::fill_n(pass, rows * stride, acc_t(0));
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t y = y_first + row;
+    if (y < 0 || y >= L.H) continue;
+    acc_t* inv_x = inv + row * stride + lead;
+    if (!normalize) {
+      std::fill_n(inv_x, L.W, acc_t(1));
+      continue;
+    }
+    if (pass != nullptr) {
+      acc_t* pass_x = pass + row * stride + lead;
+      for (int64_t x = 0; x < L.W; ++x)
+        pass_x[x] = norm_passes_clamp(inv_x[x], eps) ? acc_t(1) : acc_t(0);
+    }
+    for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(inv_x[x], eps);
   }
 }
 
@@ -628,49 +655,36 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
   const int64_t pad = L.pad, Wv = L.Wv, WB = L.WB;
   acc_t* acc = ws.acc.data();
-  acc_t* sum_b = ws.sum_b.data();
-  acc_t* sum_a = args.self ? nullptr : ws.sum_a.data();
+  acc_t* inv_b = ws.inv_b.data();
+  acc_t* inv_a = ws.inv_a.data();
   std::fill_n(acc, rows * L.KK * Wv, acc_t(0));
-  std::fill_n(sum_b, rows_b * WB, acc_t(0));
-  if (sum_a) std::fill_n(sum_a, rows * Wv, acc_t(0));
+  std::fill_n(inv_b, rows_b * WB, acc_t(0));
+  if (!args.self) std::fill_n(inv_a, rows * Wv, acc_t(0));
 
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     acc_t* b_stage = ws.b_stage.data();
     stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.stage_cstride, pad, WB, b_stage,
-               args.normalize ? sum_b : nullptr);
+               args.normalize ? inv_b : nullptr);
     if (args.self) {
       correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + pad * WB + pad,
                                  L.stage_cstride, WB, b_stage, acc);
     } else {
       stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
-                 args.normalize ? sum_a : nullptr);
+                 args.normalize ? inv_a : nullptr);
       correlate_chunk<ROW_PAIRS>(L, false, rows, count, ws.a_stage.data(), L.a_cstride, Wv,
                                  b_stage, acc);
     }
   }
 
-  // Inverse norms (1 in raw mode), 0 outside the image; the inner loops are
-  // branch-free, so that they vectorise.
-  acc_t* inv_b = ws.inv_b.data();
-  std::fill_n(inv_b, rows_b * WB, acc_t(0));
-  for (int64_t row = 0; row < rows_b; ++row) {
-    const int64_t y = y0 - pad + row;
-    if (y < 0 || y >= L.H) continue;
-    acc_t* inv_x = inv_b + row * WB + pad;
-    const acc_t* sum_x = sum_b + row * WB + pad;
-    if (!args.normalize) std::fill_n(inv_x, L.W, acc_t(1));
-    else
-      for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(sum_x[x], args.eps);
-  }
-  acc_t* inv_a = ws.inv_a.data();
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    acc_t* inv_x = inv_a + rr * Wv;
-    if (!args.normalize) std::fill_n(inv_x, L.W, acc_t(1));
-    else if (args.self) std::copy_n(inv_b + (rr + pad) * WB + pad, L.W, inv_x);
-    else
-      for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(sum_a[rr * Wv + x], args.eps);
-  }
+  inverse_norms_in_place(L, args.normalize, args.eps, y0 - pad, rows_b, WB, pad, inv_b,
+                         static_cast<acc_t*>(nullptr));
+  if (args.self)
+    for (int64_t rr = 0; rr < rows; ++rr)
+      std::copy_n(inv_b + (rr + pad) * WB + pad, L.W, inv_a + rr * Wv);
+  else
+    inverse_norms_in_place(L, args.normalize, args.eps, y0, rows, Wv, int64_t(0), inv_a,
+                           static_cast<acc_t*>(nullptr));
   write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
                args.out + n * L.KK * L.H * L.W);
 }
@@ -752,21 +766,7 @@ STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, bool normalize, 
                  WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
                  normalize ? inv : nullptr);
   }
-  std::fill_n(pass, rows_b * WB, acc_t(0));
-  for (int64_t row = 0; row < rows_b; ++row) {
-    const int64_t y = y0 - pad + row;
-    if (y < 0 || y >= L.H) continue;  // zeros, as the margins of every row
-    acc_t* inv_x = inv + row * WB + pad;
-    acc_t* pass_x = pass + row * WB + pad;
-    if (!normalize) {
-      std::fill_n(inv_x, L.W, acc_t(1));
-      continue;
-    }
-    // Two loops: each vectorises, one loop with both does not.
-    for (int64_t x = 0; x < L.W; ++x)
-      pass_x[x] = norm_passes_clamp(inv_x[x], eps) ? acc_t(1) : acc_t(0);
-    for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(inv_x[x], eps);
-  }
+  inverse_norms_in_place(L, normalize, eps, y0 - pad, rows_b, WB, pad, inv, pass);
 }
 
 // The staged rows of channels [c0, c0 + count): already in `stage` when the
