@@ -441,7 +441,7 @@ STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, 
 // in the AVX2 build functions of their own. Inlined into the band loop there,
 // they shared its registers, and GCC kept their loops' pointers and bounds on
 // the stack: a load, or a store-to-load chain, in every step of loops that are
-// bound by loads (S4 forward 13% slower, S3 4%).
+// bound by loads (S4 forward 10-13% slower).
 struct InlineBlocks {
   template <int J, int DIL, typename... Args>
   STCCL_ALWAYS_INLINE static void single(Args... args) {
