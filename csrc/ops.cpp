@@ -1,6 +1,7 @@
 // The one place every op of the package is declared. Kernels are added per
-// backend with TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/); autograd, fake
-// kernels and autocast are registered from Python (stccl_ops/_ops.py).
+// backend with TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/), autograd for all of
+// them in csrc/autograd.cpp; fake kernels and autocast are registered from
+// Python (stccl_ops/_ops.py).
 #include <torch/extension.h>
 
 #include <string>

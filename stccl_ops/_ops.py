@@ -1,9 +1,10 @@
 """The compiled extension and the torch.library registrations of its ops.
 
-The schemas live in csrc/ops.cpp. Here each op gets a fake (meta) kernel for
-torch.compile, its autograd formula (the backward is an op of its own, with a
-kernel per backend), and its autocast policy. The same two backward functions
-serve the registered ops and the autograd.Function drop-ins.
+The schemas live in csrc/ops.cpp, the ops' autograd in csrc/autograd.cpp (the
+backward is an op of its own, with a kernel per backend). Here each op gets a
+fake (meta) kernel for torch.compile and its autocast policy. The backward
+functions below call the same backward ops for the autograd.Function drop-ins
+and the Triton ops.
 """
 
 import torch
@@ -46,7 +47,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def local_backward(ctx, grad_out):
-    """Backward of local_correlation, shared by the op and the autograd.Function."""
+    """Backward of a local correlation Function or Python-registered op."""
     a, b, out = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_a, grad_b = ctx.backward_op(grad_out, a, b, out, *ctx.window, need_a, need_b)
@@ -54,17 +55,10 @@ def local_backward(ctx, grad_out):
 
 
 def self_backward(ctx, grad_out):
-    """Backward of self_correlation, shared by the op and the autograd.Function."""
+    """Backward of a self-correlation Function or Python-registered op."""
     x, out = ctx.saved_tensors
     grad_x = ctx.backward_op(grad_out, x, out, *ctx.window)
     return (grad_x,) + (None,) * (ctx.num_inputs - 1)
-
-
-def temporal_backward(ctx, grad_out):
-    """Backward of temporal_correlation: the clip gradient in one op."""
-    v, out = ctx.saved_tensors
-    grad_v = torch.ops.stccl_ops._temporal_correlation_backward(grad_out, v, out, *ctx.window)
-    return (grad_v,) + (None,) * 5
 
 
 def save_local(ctx, a, b, out, window, backward_op, num_inputs):
@@ -81,8 +75,6 @@ def save_self(ctx, x, out, window, backward_op, num_inputs):
 
 
 def _register():
-    ops = torch.ops.stccl_ops
-
     @torch.library.register_fake("stccl_ops::local_correlation")
     def _(a, b, kernel_size, dilation, normalize, eps):
         return a.new_empty(volume_shape(a.shape, kernel_size))
@@ -109,30 +101,6 @@ def _register():
     def _(grad_out, v, out, kernel_size, dilation, normalize, eps, frame_stride):
         return v.new_empty(v.shape)
 
-    def setup_temporal(ctx, inputs, output):
-        v, *window = inputs
-        ctx.window = tuple(window)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(v, output)
-
-    def setup_local(ctx, inputs, output):
-        a, b, *window = inputs
-        save_local(ctx, a, b, output, tuple(window), ops._local_correlation_backward, len(inputs))
-
-    def setup_self(ctx, inputs, output):
-        x, *window = inputs
-        save_self(ctx, x, output, tuple(window), ops._self_correlation_backward, len(inputs))
-
-    torch.library.register_autograd("stccl_ops::local_correlation", local_backward,
-                                    setup_context=setup_local)
-    torch.library.register_autograd("stccl_ops::self_correlation", self_backward,
-                                    setup_context=setup_self)
-    torch.library.register_autograd("stccl_ops::temporal_correlation", temporal_backward,
-                                    setup_context=setup_temporal)
-    for name in ("_local_correlation_backward", "_self_correlation_backward",
-                 "_temporal_correlation_backward"):
-        torch.library.register_autograd(f"stccl_ops::{name}", _no_double_backward,
-                                        setup_context=lambda ctx, inputs, output: None)
     # Autocast: like F.cosine_similarity, the correlations run in float32 (for
     # direct op callers; the public functions apply the same policy themselves,
     # also on torch versions before register_autocast).
