@@ -92,6 +92,22 @@ def test_double_backward_is_a_clear_error():
     ga.sum().backward()
 
 
+def test_op_autograd_builds_a_graph_only_when_needed():
+    x = torch.randn(1, 3, 5, 5)
+    assert OPS.self_correlation(x, 3, 1, True, 1e-8).grad_fn is None
+    with torch.inference_mode():
+        assert_close(OPS.self_correlation(x, 3, 1, True, 1e-8), reference.spatial_correlation(x))
+    v = leaf(torch.randn(1, 3, 2, 5, 5))
+    with torch.no_grad():
+        assert OPS.temporal_correlation(v, 3, 1, True, 1e-8, 1).grad_fn is None
+    out = OPS.temporal_correlation(v, 3, 1, True, 1e-8, 1)
+    out.sum().backward()
+    expected, = torch.autograd.grad(reference.temporal_correlation(v, 3).sum(), v)
+    assert_close(v.grad, expected)
+    with pytest.raises(RuntimeError, match="second time"):  # saved tensors were freed
+        out.sum().backward()
+
+
 def test_autocast_runs_in_float32():
     a = torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)
     b = torch.randn(1, 4, 5, 5)  # mixed dtypes are fine under autocast
