@@ -2,14 +2,16 @@
 forward and forward+backward, against this machine's measured floor.
 
     python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--cases S1,S3]
-                                 [--rounds 3] [--out benchmarks/results]
+                                 [--rounds 5] [--out benchmarks/results]
 
 For each case and backend: median time, speedup over the reference, achieved
 GB/s and GFLOP/s, the time as a multiple of the floor
 max(floor bytes / copy bandwidth, floor flops / matmul rate) measured in the
 same run, and the peak extra memory. The whole table is timed in several
 rounds, each time being the lowest round median: a shared machine has slow
-phases of seconds to minutes, which a single median cannot average out.
+phases of seconds to minutes, which a single median cannot average out (with
+three rounds a whole run could fall into one: every case 10-20% slow against
+a copy rate measured between two of its phases).
 Writes JSON (with the provenance of the numbers and every round's medians)
 and a PNG chart.
 """
@@ -273,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
     parser.add_argument("--backends", default="", help="comma-separated (default: available)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="timing rounds over the whole table (the lowest median is kept)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
