@@ -9,7 +9,9 @@
 // CPUs (two Python autograd.Function applications, the backward op's wrapper
 // included), 3% of a T1 training step and most of a small one; this costs a
 // few microseconds. torch.compile traces it like any C++ autograd kernel, with
-// the fake kernels registered in stccl_ops/_ops.py.
+// the fake kernels registered in stccl_ops/_ops.py; the Functions are marked
+// traceable, so compiled autograd also traces their backward (it reads only
+// the saved variables and saved_data) instead of breaking its graph there.
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -65,6 +67,7 @@ variable_list with_no_grads_for(variable_list grads, size_t non_tensor_arguments
 
 class LocalCorrelation : public torch::autograd::Function<LocalCorrelation> {
  public:
+  static constexpr bool is_traceable = true;  // see the top of this file
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
                             int64_t kernel_size, int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -88,6 +91,7 @@ class LocalCorrelation : public torch::autograd::Function<LocalCorrelation> {
 
 class SelfCorrelation : public torch::autograd::Function<SelfCorrelation> {
  public:
+  static constexpr bool is_traceable = true;  // see the top of this file
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t kernel_size,
                             int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -110,6 +114,7 @@ class SelfCorrelation : public torch::autograd::Function<SelfCorrelation> {
 
 class TemporalCorrelation : public torch::autograd::Function<TemporalCorrelation> {
  public:
+  static constexpr bool is_traceable = true;  // see the top of this file
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& v, int64_t kernel_size,
                             int64_t dilation, bool normalize, double eps, int64_t frame_stride) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

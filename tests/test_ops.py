@@ -153,6 +153,25 @@ def test_torch_compile_fullgraph(dynamic):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_autograd_traces_the_backward():
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    v = leaf(torch.randn(1, 3, 4, 6, 6))
+    other = torch.randn(1, 4, 6, 6)  # no gradient asked for it
+
+    def loss():
+        return (stccl_ops.temporal_correlation(v, 3, backend="cpp").square().mean()
+                + stccl_ops.spatial_correlation(v, 3, backend="cpp").mean()
+                + stccl_ops.local_correlation(other, v[:, 1], 5, backend="cpp").mean())
+
+    (eager,) = torch.autograd.grad(loss(), v)
+    with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        loss().backward()
+    torch.testing.assert_close(v.grad, eager, rtol=1e-6, atol=1e-7)
+
+
 def test_backend_env_and_auto(monkeypatch):
     a = torch.randn(1, 2, 3, 3)
     monkeypatch.setenv("STCCL_BACKEND", "reference")
