@@ -40,6 +40,34 @@ using TemporalForwardSig = at::Tensor(const at::Tensor&, int64_t, int64_t, bool,
 using TemporalBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        int64_t, int64_t, bool, double, int64_t);
 
+// The ops, each looked up in the dispatcher once, for the Functions' forward
+// and backward and the backward ops' own autograd kernels.
+const auto& local_forward_op() {
+  static const auto op = find_op<ForwardSig>("stccl_ops::local_correlation");
+  return op;
+}
+const auto& local_backward_op() {
+  static const auto op = find_op<BackwardSig>("stccl_ops::_local_correlation_backward");
+  return op;
+}
+const auto& self_forward_op() {
+  static const auto op = find_op<SelfForwardSig>("stccl_ops::self_correlation");
+  return op;
+}
+const auto& self_backward_op() {
+  static const auto op = find_op<SelfBackwardSig>("stccl_ops::_self_correlation_backward");
+  return op;
+}
+const auto& temporal_forward_op() {
+  static const auto op = find_op<TemporalForwardSig>("stccl_ops::temporal_correlation");
+  return op;
+}
+const auto& temporal_backward_op() {
+  static const auto op =
+      find_op<TemporalBackwardSig>("stccl_ops::_temporal_correlation_backward");
+  return op;
+}
+
 void save_window(AutogradContext* ctx, int64_t kernel_size, int64_t dilation, bool normalize,
                  double eps) {
   ctx->saved_data["kernel_size"] = kernel_size;
@@ -71,20 +99,18 @@ class LocalCorrelation : public torch::autograd::Function<LocalCorrelation> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
                             int64_t kernel_size, int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = find_op<ForwardSig>("stccl_ops::local_correlation");
-    at::Tensor out = op.call(a, b, kernel_size, dilation, normalize, eps);
+    at::Tensor out = local_forward_op().call(a, b, kernel_size, dilation, normalize, eps);
     save_window(ctx, kernel_size, dilation, normalize, eps);
     ctx->save_for_backward({a, b, out});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto op = find_op<BackwardSig>("stccl_ops::_local_correlation_backward");
     const auto saved = ctx->get_saved_variables();
     const Window w = saved_window(ctx);
-    auto [grad_a, grad_b] =
-        op.call(grad_outputs[0], saved[0], saved[1], saved[2], w.kernel_size, w.dilation,
-                w.normalize, w.eps, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    auto [grad_a, grad_b] = local_backward_op().call(
+        grad_outputs[0], saved[0], saved[1], saved[2], w.kernel_size, w.dilation, w.normalize,
+        w.eps, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
     return with_no_grads_for({grad_a, grad_b}, 4);
   }
 };
@@ -95,19 +121,18 @@ class SelfCorrelation : public torch::autograd::Function<SelfCorrelation> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t kernel_size,
                             int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = find_op<SelfForwardSig>("stccl_ops::self_correlation");
-    at::Tensor out = op.call(x, kernel_size, dilation, normalize, eps);
+    at::Tensor out = self_forward_op().call(x, kernel_size, dilation, normalize, eps);
     save_window(ctx, kernel_size, dilation, normalize, eps);
     ctx->save_for_backward({x, out});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto op = find_op<SelfBackwardSig>("stccl_ops::_self_correlation_backward");
     const auto saved = ctx->get_saved_variables();
     const Window w = saved_window(ctx);
-    return with_no_grads_for({op.call(grad_outputs[0], saved[0], saved[1], w.kernel_size,
-                                      w.dilation, w.normalize, w.eps)},
+    return with_no_grads_for({self_backward_op().call(grad_outputs[0], saved[0], saved[1],
+                                                      w.kernel_size, w.dilation,
+                                                      w.normalize, w.eps)},
                              4);
   }
 };
@@ -118,8 +143,8 @@ class TemporalCorrelation : public torch::autograd::Function<TemporalCorrelation
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& v, int64_t kernel_size,
                             int64_t dilation, bool normalize, double eps, int64_t frame_stride) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = find_op<TemporalForwardSig>("stccl_ops::temporal_correlation");
-    at::Tensor out = op.call(v, kernel_size, dilation, normalize, eps, frame_stride);
+    at::Tensor out =
+        temporal_forward_op().call(v, kernel_size, dilation, normalize, eps, frame_stride);
     save_window(ctx, kernel_size, dilation, normalize, eps);
     ctx->saved_data["frame_stride"] = frame_stride;
     ctx->save_for_backward({v, out});
@@ -127,13 +152,12 @@ class TemporalCorrelation : public torch::autograd::Function<TemporalCorrelation
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto op =
-        find_op<TemporalBackwardSig>("stccl_ops::_temporal_correlation_backward");
     const auto saved = ctx->get_saved_variables();
     const Window w = saved_window(ctx);
-    return with_no_grads_for({op.call(grad_outputs[0], saved[0], saved[1], w.kernel_size,
-                                      w.dilation, w.normalize, w.eps,
-                                      ctx->saved_data["frame_stride"].toInt())},
+    return with_no_grads_for({temporal_backward_op().call(
+                                 grad_outputs[0], saved[0], saved[1], w.kernel_size,
+                                 w.dilation, w.normalize, w.eps,
+                                 ctx->saved_data["frame_stride"].toInt())},
                              5);
   }
 };
@@ -172,12 +196,11 @@ std::tuple<at::Tensor, at::Tensor> local_correlation_backward(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
     int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
     bool need_grad_b) {
-  static const auto op = find_op<BackwardSig>("stccl_ops::_local_correlation_backward");
   std::tuple<at::Tensor, at::Tensor> grads;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    grads = op.call(grad_out, a, b, out, kernel_size, dilation, normalize, eps, need_grad_a,
-                    need_grad_b);
+    grads = local_backward_op().call(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
+                                     need_grad_a, need_grad_b);
   }
   refuse_double_backward({std::get<0>(grads), std::get<1>(grads)}, grad_out, a, b, out);
   return grads;
@@ -186,11 +209,10 @@ std::tuple<at::Tensor, at::Tensor> local_correlation_backward(
 at::Tensor self_correlation_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& out, int64_t kernel_size, int64_t dilation,
                                      bool normalize, double eps) {
-  static const auto op = find_op<SelfBackwardSig>("stccl_ops::_self_correlation_backward");
   at::Tensor grad_x;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    grad_x = op.call(grad_out, x, out, kernel_size, dilation, normalize, eps);
+    grad_x = self_backward_op().call(grad_out, x, out, kernel_size, dilation, normalize, eps);
   }
   refuse_double_backward({grad_x}, grad_out, x, out);
   return grad_x;
@@ -200,12 +222,11 @@ at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& out, int64_t kernel_size,
                                          int64_t dilation, bool normalize, double eps,
                                          int64_t frame_stride) {
-  static const auto op =
-      find_op<TemporalBackwardSig>("stccl_ops::_temporal_correlation_backward");
   at::Tensor grad_v;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    grad_v = op.call(grad_out, v, out, kernel_size, dilation, normalize, eps, frame_stride);
+    grad_v = temporal_backward_op().call(grad_out, v, out, kernel_size, dilation, normalize, eps,
+                                         frame_stride);
   }
   refuse_double_backward({grad_v}, grad_out, v, out);
   return grad_v;
