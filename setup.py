@@ -7,6 +7,10 @@ torch already installed, not a fresh copy in an isolated build environment.
 Environment:
   STCCL_FORCE_CUDA=1   build the CUDA kernels, fail if no toolkit is found
   STCCL_NO_CUDA=1      never build the CUDA kernels
+  STCCL_CUDA_EMULATION=1  also build stccl_ops._C_cuda_emulated: the CUDA kernels
+                       compiled as host code under the emulator (the
+                       cuda_emulated backend, for CPU tensors; needs the CUDA
+                       toolkit's headers, not a GPU)
   CUDA_HOME            the CUDA toolkit root (else found from `nvcc --dryrun`)
   TORCH_CUDA_ARCH_LIST the GPU architectures (default "8.0;9.0+PTX": A100,
                        H100 machine code, PTX that newer GPUs compile at load)
@@ -112,12 +116,35 @@ def compiler_has_openmp():
         return result.returncode == 0
 
 
+# The emulated CUDA library: the schemas, autograd and CUDA entry points of
+# stccl_ops._C in a namespace of their own, and the .cu kernels as host C++.
+EMULATED_SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/local_correlation_ops.cpp",
+                    "csrc/cuda/emulation/emulator.cpp", "csrc/cuda/emulation/kernels.cpp",
+                    "csrc/cuda/emulation/memory_traffic.cpp", "csrc/cuda/emulation/module.cpp"]
+EMULATED_FLAGS = ["-O2", "-fno-math-errno", "-Wno-unknown-pragmas", "-DSTCCL_CUDA_EMULATION",
+                  "-DSTCCL_OPS_NAMESPACE=stccl_ops_cuda_emulated"]
+
+
+def emulated_extension(cuda_home):
+    from torch.utils.cpp_extension import CppExtension
+
+    if cuda_home is None:
+        sys.exit("stccl_ops: STCCL_CUDA_EMULATION=1 needs the CUDA toolkit's headers (cuda_fp16.h, "
+                 "cuda_bf16.h, cuda_runtime_api.h); none was found (set CUDA_HOME)")
+    return CppExtension("stccl_ops._C_cuda_emulated", EMULATED_SOURCES,
+                        include_dirs=[os.path.join(cuda_home, "include")],
+                        extra_compile_args={"cxx": EMULATED_FLAGS})
+
+
 def extensions():
     build_cuda, cuda_home = decide_cuda()
     if build_cuda:
         # torch.utils.cpp_extension reads these when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    emulated = []
+    if _env_flag("STCCL_CUDA_EMULATION"):
+        emulated.append(emulated_extension(cuda_home or find_cuda_home()))
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -136,7 +163,7 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not build_cuda:
         return [CppExtension("stccl_ops._C", sources, extra_compile_args={"cxx": cxx},
-                             extra_link_args=link)]
+                             extra_link_args=link)] + emulated
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     defines = ["-DSTCCL_WITH_CUDA", f'-DSTCCL_CUDA_VERSION="{torch.version.cuda}"',
                f'-DSTCCL_CUDA_ARCH_LIST="{arch_list}"']
@@ -145,7 +172,7 @@ def extensions():
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     return [CUDAExtension("stccl_ops._C", sources,
                           extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
-                          extra_link_args=link)]
+                          extra_link_args=link)] + emulated
 
 
 def build_ext_class():

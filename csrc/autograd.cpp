@@ -17,6 +17,8 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include "op_namespace.h"
+
 namespace stccl {
 namespace {
 
@@ -43,28 +45,28 @@ using TemporalBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, con
 // The ops, each looked up in the dispatcher once, for the Functions' forward
 // and backward and the backward ops' own autograd kernels.
 const auto& local_forward_op() {
-  static const auto op = find_op<ForwardSig>("stccl_ops::local_correlation");
+  static const auto op = find_op<ForwardSig>(STCCL_OP_NAME("local_correlation"));
   return op;
 }
 const auto& local_backward_op() {
-  static const auto op = find_op<BackwardSig>("stccl_ops::_local_correlation_backward");
+  static const auto op = find_op<BackwardSig>(STCCL_OP_NAME("_local_correlation_backward"));
   return op;
 }
 const auto& self_forward_op() {
-  static const auto op = find_op<SelfForwardSig>("stccl_ops::self_correlation");
+  static const auto op = find_op<SelfForwardSig>(STCCL_OP_NAME("self_correlation"));
   return op;
 }
 const auto& self_backward_op() {
-  static const auto op = find_op<SelfBackwardSig>("stccl_ops::_self_correlation_backward");
+  static const auto op = find_op<SelfBackwardSig>(STCCL_OP_NAME("_self_correlation_backward"));
   return op;
 }
 const auto& temporal_forward_op() {
-  static const auto op = find_op<TemporalForwardSig>("stccl_ops::temporal_correlation");
+  static const auto op = find_op<TemporalForwardSig>(STCCL_OP_NAME("temporal_correlation"));
   return op;
 }
 const auto& temporal_backward_op() {
   static const auto op =
-      find_op<TemporalBackwardSig>("stccl_ops::_temporal_correlation_backward");
+      find_op<TemporalBackwardSig>(STCCL_OP_NAME("_temporal_correlation_backward"));
   return op;
 }
 
@@ -234,7 +236,7 @@ at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stccl_ops, Autograd, m) {
+STCCL_TORCH_LIBRARY_IMPL(Autograd, m) {
   m.impl("local_correlation", &local_correlation);
   m.impl("self_correlation", &self_correlation);
   m.impl("temporal_correlation", &temporal_correlation);

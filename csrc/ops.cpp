@@ -1,14 +1,13 @@
 // The one place every op of the package is declared. Kernels are added per
 // backend with TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/), autograd for all of
 // them in csrc/autograd.cpp; fake kernels and autocast are registered from
-// Python (stccl_ops/_ops.py).
-#include <torch/extension.h>
+// Python (stccl_ops/_ops.py). The emulated CUDA library declares the same ops
+// in its own namespace (op_namespace.h).
+#include <torch/library.h>
 
-#include <string>
+#include "op_namespace.h"
 
-#include "cpu/isa.h"
-
-TORCH_LIBRARY(stccl_ops, m) {
+STCCL_TORCH_LIBRARY(m) {
   // Every kernel reads operands of any strides, so the compiler may hand them
   // any layout (flexible_layout) instead of pinning eager's stride order.
   const std::vector<at::Tag> any_layout = {at::Tag::flexible_layout};
@@ -31,37 +30,4 @@ TORCH_LIBRARY(stccl_ops, m) {
         "int frame_stride) -> Tensor", any_layout);
   m.def("_temporal_correlation_backward(Tensor grad_out, Tensor v, Tensor out, int kernel_size, "
         "int dilation, bool normalize, float eps, int frame_stride) -> Tensor", any_layout);
-}
-
-namespace {
-
-py::dict build_info() {
-  py::dict info;
-#ifdef STCCL_WITH_CUDA
-  info["cuda"] = true;
-  info["cuda_version"] = std::string(STCCL_CUDA_VERSION);
-  info["cuda_arch_list"] = std::string(STCCL_CUDA_ARCH_LIST);
-#else
-  info["cuda"] = false;
-  info["cuda_version"] = py::none();
-  info["cuda_arch_list"] = py::none();
-#endif
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  info["cpu_simd_paths"] = stccl::cpu::compiled_isas();
-  info["cpu_simd_path"] = stccl::cpu::active_isa();
-  info["torch_version"] = std::string(STCCL_TORCH_VERSION);
-  return info;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "stccl_ops compiled kernels; the ops live in torch.ops.stccl_ops";
-  m.def("build_info", &build_info, "How this extension was built.");
-  m.def("_set_cpu_isa", &stccl::cpu::set_isa,
-        "Force the CPU kernel path: 'auto', 'avx2' or 'generic' (for tests).");
 }

@@ -13,7 +13,7 @@ import torch
 
 from . import _ops, reference
 
-NAMES = ("reference", "cpp", "cuda", "triton")
+NAMES = ("reference", "cpp", "cuda", "triton", "cuda_emulated")
 
 
 class Backend:
@@ -59,8 +59,14 @@ class ReferenceBackend(Backend):
 class ExtensionBackend(Backend):
     """The C++ (CPU) and CUDA kernels: torch.ops.stccl_ops.*, dispatched by device."""
 
+    namespace = _ops.NAMESPACE
+
     def __init__(self, name, device_type):
         self.name, self.devices = name, (device_type,)
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
 
     def require(self, fn, device):
         _ops.require_extension(self.name)
@@ -82,30 +88,43 @@ class ExtensionBackend(Backend):
 
     def temporal(self, v, kernel_size, dilation, normalize, eps, frame_stride):
         # One op whose backward writes the clip gradient directly.
-        return torch.ops.stccl_ops.temporal_correlation(v, kernel_size, dilation, normalize, eps,
-                                                        frame_stride)
+        return self.ops.temporal_correlation(v, kernel_size, dilation, normalize, eps, frame_stride)
 
-    @property
-    def forward_op(self):
-        return torch.ops.stccl_ops.local_correlation
+    forward_op = property(lambda self: self.ops.local_correlation)
+    backward_op = property(lambda self: self.ops._local_correlation_backward)
+    self_forward_op = property(lambda self: self.ops.self_correlation)
+    self_backward_op = property(lambda self: self.ops._self_correlation_backward)
 
-    @property
-    def backward_op(self):
-        return torch.ops.stccl_ops._local_correlation_backward
 
-    @property
-    def self_forward_op(self):
-        return torch.ops.stccl_ops.self_correlation
+class CudaEmulatedBackend(ExtensionBackend):
+    """The CUDA kernels and their host path run on CPU tensors under the
+    emulator (torch.ops.stccl_ops_cuda_emulated.*): for tests, sanitizers and
+    debugging without a GPU. Slow; `auto` never picks it."""
 
-    @property
-    def self_backward_op(self):
-        return torch.ops.stccl_ops._self_correlation_backward
+    namespace = _ops.EMULATED_NAMESPACE
+
+    def __init__(self):
+        super().__init__("cuda_emulated", "cpu")
+
+    def require(self, fn, device):
+        if _ops._C_cuda_emulated is None:
+            raise ImportError(
+                "stccl_ops: backend 'cuda_emulated' is not built: install with "
+                "STCCL_CUDA_EMULATION=1 (pip install --no-build-isolation .), which needs the "
+                "CUDA toolkit's headers")
+        Backend.require(self, fn, device)
+
+    def unavailable(self, device):
+        if _ops._C_cuda_emulated is None:
+            return "stccl_ops._C_cuda_emulated is not built (STCCL_CUDA_EMULATION=1)"
+        return Backend.unavailable(self, device)
 
 
 BACKENDS = {
     "reference": ReferenceBackend(),
     "cpp": ExtensionBackend("cpp", "cpu"),
     "cuda": ExtensionBackend("cuda", "cuda"),
+    "cuda_emulated": CudaEmulatedBackend(),
 }
 
 # Preference of `auto` per device type, fastest first. On device types in

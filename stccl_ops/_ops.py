@@ -7,6 +7,9 @@ functions below call the same backward ops for the autograd.Function drop-ins
 and the Triton ops.
 """
 
+import importlib.util
+import os
+
 import torch
 
 try:
@@ -15,6 +18,32 @@ try:
 except ImportError as error:  # a source checkout that was not built
     _C = None
     EXTENSION_ERROR = error
+
+NAMESPACE = "stccl_ops"
+EMULATED_NAMESPACE = "stccl_ops_cuda_emulated"
+
+
+def _load_cuda_emulated():
+    """The CUDA kernels built as host code (stccl_ops._C_cuda_emulated, built
+    with STCCL_CUDA_EMULATION=1), registering torch.ops.stccl_ops_cuda_emulated.*;
+    $STCCL_CUDA_EMULATED_LIBRARY names another build of it to load instead (a
+    sanitizer or memory-counting build, see stccl_ops._cuda_emulation)."""
+    path = os.environ.get("STCCL_CUDA_EMULATED_LIBRARY")
+    if not path:
+        try:
+            from . import _C_cuda_emulated
+        except ImportError:
+            return None
+        return _C_cuda_emulated
+    spec = importlib.util.spec_from_file_location("_C_cuda_emulated", path)
+    if spec is None:
+        raise ImportError(f"stccl_ops: STCCL_CUDA_EMULATED_LIBRARY={path!r} is not a module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_C_cuda_emulated = _load_cuda_emulated()
 
 
 def require_extension(backend):
@@ -32,7 +61,7 @@ def build_info():
     """
     if _C is None:
         return {"extension": False, "error": str(EXTENSION_ERROR)}
-    return {"extension": True, **_C.build_info()}
+    return {"extension": True, **_C.build_info(), "cuda_emulated": _C_cuda_emulated is not None}
 
 
 def volume_shape(shape, kernel_size):
@@ -74,30 +103,30 @@ def save_self(ctx, x, out, window, backward_op, num_inputs):
         ctx.save_for_backward(x, out)
 
 
-def _register():
-    @torch.library.register_fake("stccl_ops::local_correlation")
+def _register(ns):
+    @torch.library.register_fake(f"{ns}::local_correlation")
     def _(a, b, kernel_size, dilation, normalize, eps):
         return a.new_empty(volume_shape(a.shape, kernel_size))
 
-    @torch.library.register_fake("stccl_ops::self_correlation")
+    @torch.library.register_fake(f"{ns}::self_correlation")
     def _(x, kernel_size, dilation, normalize, eps):
         return x.new_empty(volume_shape(x.shape, kernel_size))
 
-    @torch.library.register_fake("stccl_ops::_local_correlation_backward")
+    @torch.library.register_fake(f"{ns}::_local_correlation_backward")
     def _(grad_out, a, b, out, kernel_size, dilation, normalize, eps, need_grad_a, need_grad_b):
         return (a.new_empty(a.shape) if need_grad_a else None,
                 b.new_empty(b.shape) if need_grad_b else None)
 
-    @torch.library.register_fake("stccl_ops::_self_correlation_backward")
+    @torch.library.register_fake(f"{ns}::_self_correlation_backward")
     def _(grad_out, x, out, kernel_size, dilation, normalize, eps):
         return x.new_empty(x.shape)
 
-    @torch.library.register_fake("stccl_ops::temporal_correlation")
+    @torch.library.register_fake(f"{ns}::temporal_correlation")
     def _(v, kernel_size, dilation, normalize, eps, frame_stride):
         B, T, C, H, W = v.shape
         return v.new_empty(B, T - frame_stride, kernel_size * kernel_size, H, W)
 
-    @torch.library.register_fake("stccl_ops::_temporal_correlation_backward")
+    @torch.library.register_fake(f"{ns}::_temporal_correlation_backward")
     def _(grad_out, v, out, kernel_size, dilation, normalize, eps, frame_stride):
         return v.new_empty(v.shape)
 
@@ -107,9 +136,10 @@ def _register():
     if hasattr(torch.library, "register_autocast"):
         for name in ("local_correlation", "self_correlation", "temporal_correlation"):
             for device_type in ("cpu", "cuda"):
-                torch.library.register_autocast(f"stccl_ops::{name}", device_type,
-                                                torch.float32)
+                torch.library.register_autocast(f"{ns}::{name}", device_type, torch.float32)
 
 
 if _C is not None:
-    _register()
+    _register(NAMESPACE)
+if _C_cuda_emulated is not None:
+    _register(EMULATED_NAMESPACE)

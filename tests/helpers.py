@@ -1,6 +1,7 @@
 """Shared test helpers: tolerances by dtype, a mismatch report, sample inputs."""
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +11,18 @@ import stccl_ops
 
 HAS_EXTENSION = stccl_ops.build_info()["extension"]
 HAS_CUDA_GPU = torch.cuda.is_available()
+HAS_CUDA_EMULATED = "cuda_emulated" in stccl_ops.available_backends("cpu")
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="stccl_ops._C is not built")
+
+
+def require_cuda_emulated():
+    """Skips without the emulated CUDA build, unless the environment says it
+    was built (STCCL_CUDA_EMULATION=1, as in CI): then its absence fails."""
+    if HAS_CUDA_EMULATED:
+        return
+    if os.environ.get("STCCL_CUDA_EMULATION") == "1":
+        pytest.fail("STCCL_CUDA_EMULATION=1 but stccl_ops._C_cuda_emulated is not importable")
+    pytest.skip("the emulated CUDA backend is not built (install with STCCL_CUDA_EMULATION=1)")
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

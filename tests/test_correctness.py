@@ -1,7 +1,9 @@
 """Every compiled backend against the reference on fresh random inputs.
 
 The CPU (`cpp`) cases run everywhere the extension is built; the same cases
-run for `cuda` on a GPU machine (marker `cuda`, skipped without a GPU).
+run for `cuda` on a GPU machine (marker `cuda`, skipped without a GPU) and
+for `cuda_emulated`, the CUDA kernels executed on the CPU, wherever that is
+built (marker `cuda_emulated`).
 """
 
 import pytest
@@ -10,14 +12,15 @@ import torch
 import stccl_ops
 from stccl_ops import reference
 
-from helpers import (DTYPES, HAS_CUDA_GPU, assert_close, grads, leaf, needs_extension, samples,
-                     with_threads)
+from helpers import (DTYPES, HAS_CUDA_GPU, assert_close, grads, leaf, needs_extension,
+                     require_cuda_emulated, samples, with_threads)
 
 BACKENDS = [
     pytest.param(("cpp", "cpu"), id="cpp", marks=needs_extension),
     pytest.param(("cuda", "cuda"), id="cuda",
                  marks=[pytest.mark.cuda,
                         pytest.mark.skipif(not HAS_CUDA_GPU, reason="needs a CUDA GPU")]),
+    pytest.param(("cuda_emulated", "cpu"), id="cuda_emulated", marks=pytest.mark.cuda_emulated),
 ]
 
 
@@ -26,6 +29,8 @@ def backend(request):
     name, device = request.param
     if name == "cuda" and not stccl_ops.build_info().get("cuda"):
         pytest.fail("a GPU is present but stccl_ops._C was built without CUDA")
+    if name == "cuda_emulated":
+        require_cuda_emulated()
     return name, device
 
 

@@ -15,13 +15,19 @@
 // kernels, through the shared index helpers) are computed once; a gather
 // kernel with the forward's tiling then sums weight x neighbour per output
 // pixel and channel. Every gradient element is written by one thread, in a
-// fixed order: no atomics, bitwise deterministic.
+// fixed order: no atomics, bitwise deterministic. A window with more offsets
+// than one launch takes carries the partial sums between launches in the
+// accumulation type (in the gradient itself for float32 and float64, in the
+// workspace for the half types), so the result is rounded once.
+//
+// Every launch goes through launch_kernel (device.h): the same source runs on
+// the CPU under the emulator (emulation/emulator.h) as the cuda_emulated backend.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
-#include "launch.h"
+#include "device.h"
 
 namespace stccl::cuda {
 namespace {
@@ -173,7 +179,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                           scalar_t* __restrict__ out, Geometry g, int chunk, int k_begin,
                           int k_count, bool self, bool normalize,
                           typename AccOf<scalar_t>::type eps) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_shared_memory();
   for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
     __syncthreads();  // the previous image's epilogue has read shared memory
     forward_staged_tile<scalar_t, G>(a, sa, b, sb, out, g, chunk, k_begin, k_count, self,
@@ -410,7 +416,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                   const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
                   Geometry g, int chunk, int k_begin, int k_count, bool first_group,
                   Workspace<typename AccOf<scalar_t>::type> ws) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_shared_memory();
   for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
     __syncthreads();  // the previous image's threads are done with shared memory
     gather_tile<scalar_t, G, STAGED>(other, sx, own, sy, grad, g, chunk, k_begin, k_count,
@@ -422,11 +428,11 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 dim3 tile_grid(const Geometry& g) {
   return dim3(unsigned((g.W + TILE_W - 1) / TILE_W), unsigned((g.H + TILE_H - 1) / TILE_H),
-              unsigned(std::min<int64_t>(g.N, 65535)));
+              unsigned(std::min<int64_t>(g.N, max_grid_z())));
 }
 
 unsigned flat_blocks(int64_t total) {
-  return unsigned(std::min<int64_t>((total + 255) / 256, 65535 * 8));
+  return unsigned(std::min<int64_t>((total + 255) / 256, max_flat_blocks()));
 }
 
 // Runs launch(G, k_begin, k_count) over the offsets [first, first + count) in
@@ -437,20 +443,19 @@ cudaError_t for_offset_groups(int64_t first, int64_t count, Launch&& launch) {
     const int k_count = int(std::min<int64_t>(81, first + count - k0));
     const int bucket = k_count <= 1 ? 1 : k_count <= 9 ? 9 : k_count <= 25 ? 25
                                                          : k_count <= 49 ? 49 : 81;
-    launch(bucket, int(k0), k_count);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch(bucket, int(k0), k_count);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
 
-#define STCCL_WITH_BUCKET(bucket, ...)           \
-  switch (bucket) {                              \
-    case 1: { constexpr int G = 1; __VA_ARGS__; break; }   \
-    case 9: { constexpr int G = 9; __VA_ARGS__; break; }   \
-    case 25: { constexpr int G = 25; __VA_ARGS__; break; } \
-    case 49: { constexpr int G = 49; __VA_ARGS__; break; } \
-    default: { constexpr int G = 81; __VA_ARGS__; break; } \
+#define STCCL_WITH_BUCKET(bucket, ...)                      \
+  switch (bucket) {                                         \
+    case 1: { constexpr int G = 1; return __VA_ARGS__; }    \
+    case 9: { constexpr int G = 9; return __VA_ARGS__; }    \
+    case 25: { constexpr int G = 25; return __VA_ARGS__; }  \
+    case 49: { constexpr int G = 49; return __VA_ARGS__; }  \
+    default: { constexpr int G = 81; return __VA_ARGS__; }  \
   }
 
 template <typename scalar_t>
@@ -464,27 +469,27 @@ cudaError_t forward(const Problem& p, const void* a_, Strides4 sa, const void* b
   const acc_t eps = acc_t(p.eps);
   const int64_t count = self ? g.KK / 2 + 1 : g.KK;
   const int64_t chunk = staged_chunk(g, sizeof(acc_t), self);
-  cudaError_t err;
+  cudaError_t err = cudaSuccess;
   if (chunk > 0) {
     const int64_t TB = int64_t(g.THB) * g.TWB;
     const size_t smem = size_t((TB + TILE_H * TILE_W + chunk * (TB + (self ? 0 : TILE_H * TILE_W))) *
                                sizeof(acc_t) + 81 * sizeof(int));
     err = for_offset_groups(0, count, [&](int bucket, int k0, int kc) {
-      STCCL_WITH_BUCKET(bucket, forward_staged_kernel<scalar_t, G><<<tile_grid(g), THREADS, smem, stream>>>(
-          a, sa, b, sb, out, g, int(chunk), k0, kc, self, p.normalize, eps));
+      STCCL_WITH_BUCKET(bucket, launch_kernel(forward_staged_kernel<scalar_t, G>, "forward_staged",
+                                              tile_grid(g), THREADS, smem, stream, a, sa, b, sb,
+                                              out, g, int(chunk), k0, kc, self, p.normalize, eps));
     });
   } else {
-    err = cudaSuccess;
     for (int64_t k0 = 0; k0 < count && err == cudaSuccess; k0 += UNSTAGED_GROUP) {
       const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, count - k0));
-      forward_unstaged_kernel<scalar_t><<<tile_grid(g), THREADS, 0, stream>>>(
-          a, sa, b, sb, out, g, int(k0), kc, p.normalize, eps);
-      err = cudaGetLastError();
+      err = launch_kernel(forward_unstaged_kernel<scalar_t>, "forward_unstaged", tile_grid(g),
+                          THREADS, 0, stream, a, sa, b, sb, out, g, int(k0), kc, p.normalize,
+                          eps);
     }
   }
   if (err != cudaSuccess || !self || g.KK == 1) return err;
-  mirror_kernel<scalar_t><<<flat_blocks(g.N * (g.KK / 2) * g.H * g.W), 256, 0, stream>>>(out, g);
-  return cudaGetLastError();
+  return launch_kernel(mirror_kernel<scalar_t>, "mirror",
+                       flat_blocks(g.N * (g.KK / 2) * g.H * g.W), 256, 0, stream, out, g);
 }
 
 template <typename scalar_t>
@@ -494,13 +499,13 @@ cudaError_t backward_norms(const Problem& p, const void* a_, Strides4 sa, const 
   const Geometry g(p);
   Workspace<acc_t> ws(workspace, g);
   const unsigned blocks = flat_blocks(g.N * g.H * g.W);
-  inverse_norms_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-      static_cast<const scalar_t*>(a_), sa, g, acc_t(p.eps), ws.inv_a, ws.pass_a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(inverse_norms_kernel<scalar_t>, "inverse_norms", blocks, 256, 0,
+                                  stream, static_cast<const scalar_t*>(a_), sa, g, acc_t(p.eps),
+                                  ws.inv_a, ws.pass_a);
   if (err != cudaSuccess || self) return err;
-  inverse_norms_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-      static_cast<const scalar_t*>(b_), sb, g, acc_t(p.eps), ws.inv_b, ws.pass_b);
-  return cudaGetLastError();
+  return launch_kernel(inverse_norms_kernel<scalar_t>, "inverse_norms", blocks, 256, 0, stream,
+                       static_cast<const scalar_t*>(b_), sb, g, acc_t(p.eps), ws.inv_b,
+                       ws.pass_b);
 }
 
 template <typename scalar_t>
@@ -514,10 +519,9 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
     ws.inv_b = ws.inv_a;
     ws.pass_b = ws.pass_a;
   }
-  weights_kernel<scalar_t><<<flat_blocks(g.N * g.H * g.W), 256, 0, stream>>>(
-      static_cast<const scalar_t*>(grad_out), sg, static_cast<const scalar_t*>(out), so, g, which,
-      p.normalize, ws);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(weights_kernel<scalar_t>, "weights", flat_blocks(g.N * g.H * g.W),
+                                  256, 0, stream, static_cast<const scalar_t*>(grad_out), sg,
+                                  static_cast<const scalar_t*>(out), so, g, which, p.normalize, ws);
   if (err != cudaSuccess) return err;
   const bool gather_a = which == Grad::B;  // grad_b gathers a; grad_a and self gather b / x
   const auto* other = static_cast<const scalar_t*>(gather_a ? a : b);
@@ -531,18 +535,19 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
   if (chunk == 0) {  // halo beyond shared memory: neighbours through the cache
     for (int64_t k0 = 0; k0 < g.KK; k0 += UNSTAGED_GROUP) {
       const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, g.KK - k0));
-      gather_kernel<scalar_t, UNSTAGED_GROUP, false>
-          <<<tile_grid(g), THREADS, UNSTAGED_GROUP * sizeof(int), stream>>>(
-              other, s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0, ws);
-      err = cudaGetLastError();
+      err = launch_kernel(gather_kernel<scalar_t, UNSTAGED_GROUP, false>, "gather_unstaged",
+                          tile_grid(g), THREADS, UNSTAGED_GROUP * sizeof(int), stream, other,
+                          s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0, ws);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
   }
   const size_t smem = size_t(chunk * TB * sizeof(acc_t) + 81 * sizeof(int));
   return for_offset_groups(0, g.KK, [&](int bucket, int k0, int kc) {
-    STCCL_WITH_BUCKET(bucket, gather_kernel<scalar_t, G, true><<<tile_grid(g), THREADS, smem, stream>>>(
-        other, s_other, own, s_own, g_out, g, int(chunk), k0, kc, k0 == 0, ws));
+    STCCL_WITH_BUCKET(bucket, launch_kernel(gather_kernel<scalar_t, G, true>, "gather_staged",
+                                            tile_grid(g), THREADS, smem, stream, other, s_other,
+                                            own, s_own, g_out, g, int(chunk), k0, kc, k0 == 0,
+                                            ws));
   });
 }
 

@@ -2,18 +2,46 @@
 // device guard, the current stream, allocation, and the launchers of
 // local_correlation.cu. Copy policy as on the CPU: operands are read in place
 // with their strides; only outputs, gradients and a workspace are allocated.
+//
+// Built twice: for CUDA tensors in stccl_ops._C, and with STCCL_CUDA_EMULATION
+// for CPU tensors in stccl_ops._C_cuda_emulated, where the same launchers run
+// the kernels under the emulator. Only the device guard, the stream and the
+// error check differ.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../entry_points.h"
+#include "../op_namespace.h"
 #include "../tensor_args.h"
 #include "launch.h"
 
+#if defined(STCCL_CUDA_EMULATION)
+#include "emulation/emulator.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace stccl::cuda {
 namespace {
+
+#if defined(STCCL_CUDA_EMULATION)
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "stccl_ops (cuda_emulated): kernel launch failed: ",
+              emu::last_error());
+}
+#define STCCL_DISPATCH_KEY CPU
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
+#define STCCL_DISPATCH_KEY CUDA
+#endif
 
 Problem problem(const at::Tensor& t, int64_t kernel_size, int64_t dilation, bool normalize,
                 double eps) {
@@ -31,14 +59,12 @@ Problem problem(const at::Tensor& t, int64_t kernel_size, int64_t dilation, bool
 
 at::Tensor forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
                    int64_t dilation, bool normalize, double eps, bool self) {
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   auto out = at::empty(correlation_shape(a, kernel_size), a.options());
   if (out.numel() == 0) return out;
   const Problem p = problem(a, kernel_size, dilation, normalize, eps);
-  C10_CUDA_CHECK(launch_forward(p, a.const_data_ptr(), strides4(a), b.const_data_ptr(),
-                                strides4(b), self, out.mutable_data_ptr(),
-                                c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(launch_forward(p, a.const_data_ptr(), strides4(a), b.const_data_ptr(),
+                              strides4(b), self, out.mutable_data_ptr(), current_stream()));
   return out;
 }
 
@@ -47,26 +73,23 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
                                             int64_t kernel_size, int64_t dilation,
                                             bool normalize, double eps, bool need_a,
                                             bool need_b, bool self) {
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
   if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
   const Problem p = problem(a, kernel_size, dilation, normalize, eps);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   auto workspace = at::empty({backward_workspace_bytes(p)}, a.options().dtype(at::kByte));
   const Strides4 sa = strides4(a), sb = strides4(b), sg = strides4(grad_out),
                  so = strides4(out);
   if (normalize) {
-    C10_CUDA_CHECK(launch_backward_norms(p, a.const_data_ptr(), sa, b.const_data_ptr(), sb, self,
-                                         workspace.mutable_data_ptr(), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch(launch_backward_norms(p, a.const_data_ptr(), sa, b.const_data_ptr(), sb, self,
+                                       workspace.mutable_data_ptr(), stream));
   }
   auto run = [&](Grad which, at::Tensor& grad) {
-    C10_CUDA_CHECK(launch_backward(p, which, grad_out.const_data_ptr(), sg, out.const_data_ptr(),
-                                   so, a.const_data_ptr(), sa, b.const_data_ptr(), sb,
-                                   grad.mutable_data_ptr(), workspace.mutable_data_ptr(),
-                                   stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch(launch_backward(p, which, grad_out.const_data_ptr(), sg, out.const_data_ptr(),
+                                 so, a.const_data_ptr(), sa, b.const_data_ptr(), sb,
+                                 grad.mutable_data_ptr(), workspace.mutable_data_ptr(), stream));
   };
   if (need_a) run(self ? Grad::Self : Grad::A, grad_a);
   if (need_b) run(Grad::B, grad_b);
@@ -85,7 +108,7 @@ at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
                              const at::Tensor& out, int64_t kernel_size, int64_t dilation,
                              bool normalize, double eps, int64_t frame_stride) {
   const auto [a, b] = frame_pairs(v, frame_stride);
-  const c10::cuda::CUDAGuard guard(v.device());
+  const DeviceGuard guard(v.device());
   auto [grad_a, grad_b] = backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
                                    true, true, /*self=*/false);
   auto grad = at::zeros(v.sizes(), v.options());
@@ -105,6 +128,6 @@ struct Cuda {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stccl_ops, CUDA, m) { EntryPoints<Cuda>::kernels(m); }
+STCCL_TORCH_LIBRARY_IMPL(STCCL_DISPATCH_KEY, m) { EntryPoints<Cuda>::kernels(m); }
 
 }  // namespace stccl::cuda

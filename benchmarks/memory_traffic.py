@@ -1,0 +1,133 @@
+"""Memory traffic of the GPU kernels, counted without a GPU.
+
+    python benchmarks/memory_traffic.py [--backend cuda_emulated] [--json PATH]
+
+cuda_emulated: the CUDA kernels run under the emulator's counting build
+(stccl_ops._cuda_emulation, variant "count"): every global and shared access
+of every thread, grouped into warp requests (csrc/cuda/emulation/memory_traffic.h).
+Per case, layout and pass, summed over the pass's launches:
+- sectors/request of global loads and stores, against the ideal for the
+  addresses asked (1.0x = perfectly coalesced);
+- shared-memory wavefronts per request against the ideal (bank-conflict ways);
+- the bytes of all sectors moved against the floor (inputs read once, output
+  written once; backward: inputs and grad_out read once, gradients written).
+
+The standard cases of cases.py keep their C, K and dilation; N and the maps
+are scaled down (one image or clip pair, 16 x 64 maps) so each runs in seconds.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+
+from cases import STANDARD_CASES, make_inputs, run_case
+
+LAYOUTS = ("contiguous", "channels_last")
+SCALED = {"N": 1, "H": 16, "W": 64}
+
+
+def scaled_cases():
+    return [replace(c, **SCALED, T=2 if c.op == "temporal" else 1) for c in STANDARD_CASES]
+
+
+def summarise(launches):
+    rows = {}
+    for launch in launches:
+        row = rows.setdefault(launch["kernel"], {"launches": 0})
+        row["launches"] += 1
+        for kind in ("load", "store", "shared_load", "shared_store"):
+            total = row.setdefault(kind, {"requests": 0, "sectors": 0, "ideal": 0, "bytes": 0})
+            for key in total:
+                total[key] += launch[kind][key]
+    return rows
+
+
+def ratio(counts):
+    return counts["sectors"] / counts["ideal"] if counts["ideal"] else float("nan")
+
+
+def per_request(counts):
+    return counts["sectors"] / counts["requests"] if counts["requests"] else float("nan")
+
+
+def measure(module, case, layout):
+    results = []
+    for backward in (False, True):
+        inputs = make_inputs(case, requires_grad=backward)
+        if layout == "channels_last":
+            fmt = torch.channels_last_3d if inputs[0].dim() == 5 else torch.channels_last
+            inputs = tuple(t.detach().to(memory_format=fmt).requires_grad_(backward)
+                           for t in inputs)
+        out = run_case(case, inputs, "cuda_emulated")
+        grad_out = torch.randn_like(out)
+        module.memory_traffic()  # drop the forward's counts when timing the backward
+        if backward:
+            torch.autograd.grad(out, inputs, grad_out)
+        else:
+            run_case(case, inputs, "cuda_emulated")
+        kernels = summarise(module.memory_traffic())
+        sector_bytes = 32 * sum(k[kind]["sectors"] for k in kernels.values()
+                                for kind in ("load", "store"))
+        floor = case.floor_bytes(backward)
+        results.append({"case": case.name, "layout": layout,
+                        "pass": "backward" if backward else "forward",
+                        "shape": [case.N, case.C, case.H, case.W, case.K, case.dilation, case.T],
+                        "sector_bytes": sector_bytes, "floor_bytes": floor, "kernels": kernels})
+    return results
+
+
+def table(results):
+    lines = ["| case | layout | pass | kernel | launches | load sectors/req (x ideal) | "
+             "store sectors/req (x ideal) | shared ways (ld/st) | sector bytes / floor |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        first = True
+        for name, k in r["kernels"].items():
+            ways = (f"{ratio(k['shared_load']):.2f} / {ratio(k['shared_store']):.2f}"
+                    if k["shared_load"]["requests"] else "-")
+            total = f"{r['sector_bytes'] / r['floor_bytes']:.2f}x" if first else ""
+            lines.append(
+                f"| {r['case'] if first else ''} | {r['layout'] if first else ''} | "
+                f"{r['pass'] if first else ''} | {name} | {k['launches']} | "
+                f"{per_request(k['load']):.1f} ({ratio(k['load']):.2f}x) | "
+                f"{per_request(k['store']):.1f} ({ratio(k['store']):.2f}x) | {ways} | {total} |")
+            first = False
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda_emulated", choices=["cuda_emulated"])
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                       "memory_traffic.json"))
+    args = parser.parse_args()
+    if "STCCL_CUDA_EMULATED_LIBRARY" not in os.environ:
+        # Re-run this script on the counting build (it must be loaded at import).
+        from stccl_ops import _cuda_emulation
+
+        path = _cuda_emulation.build("count")
+        env = _cuda_emulation.environment("count", path)
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+
+    import stccl_ops
+
+    module = stccl_ops._ops._C_cuda_emulated
+    if module is None or not module.info()["counts_memory_traffic"]:
+        sys.exit("memory_traffic.py: STCCL_CUDA_EMULATED_LIBRARY is not a counting build")
+    results = [r for case in scaled_cases() for layout in LAYOUTS
+               for r in measure(module, case, layout)]
+    print(table(results))
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"backend": args.backend, "torch": torch.__version__, "results": results}, f,
+                  indent=1)
+    print(f"\nwritten: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+// The Python module stccl_ops._C: importing it registers the ops of
+// csrc/ops.cpp with their CPU (and CUDA) kernels; its functions say how it
+// was built.
+#include <torch/extension.h>
+
+#include <string>
+
+#include "cpu/isa.h"
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#ifdef STCCL_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::string(STCCL_CUDA_VERSION);
+  info["cuda_arch_list"] = std::string(STCCL_CUDA_ARCH_LIST);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_arch_list"] = py::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_simd_paths"] = stccl::cpu::compiled_isas();
+  info["cpu_simd_path"] = stccl::cpu::active_isa();
+  info["torch_version"] = std::string(STCCL_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "stccl_ops compiled kernels; the ops live in torch.ops.stccl_ops";
+  m.def("build_info", &build_info, "How this extension was built.");
+  m.def("_set_cpu_isa", &stccl::cpu::set_isa,
+        "Force the CPU kernel path: 'auto', 'avx2' or 'generic' (for tests).");
+}
