@@ -6,6 +6,8 @@
   and shared accesses, misaligned accesses, overflow in index math);
 - ``tsan``: ThreadSanitizer, each CUDA thread an OS thread (what
   ``--tool racecheck`` finds: shared-memory races between barriers);
+- ``plain``: the build `pip install` makes, rebuilt in seconds while working
+  on a kernel;
 - ``count``: the kernels instrumented for the per-warp memory accounting
   (csrc/cuda/emulation/memory_traffic.h).
 
@@ -31,9 +33,11 @@ SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/local_correlation_ops
            "csrc/cuda/emulation/emulator.cpp", "csrc/cuda/emulation/kernels.cpp",
            "csrc/cuda/emulation/memory_traffic.cpp", "csrc/cuda/emulation/module.cpp"]
 KERNELS = "csrc/cuda/emulation/kernels.cpp"
-COMMON = ["-std=c++17", "-fPIC", "-g", "-fno-math-errno", "-Wno-unknown-pragmas",
+COMMON = ["-std=c++20", "-fPIC", "-g", "-fno-math-errno", "-Wno-unknown-pragmas",
           "-DSTCCL_CUDA_EMULATION", "-DSTCCL_OPS_NAMESPACE=stccl_ops_cuda_emulated"]
 VARIANTS = {
+    # As `pip install` builds it; for working on a kernel without reinstalling.
+    "plain": {"cflags": ["-O2"], "ldflags": [], "runtime": None},
     "asan": {"cflags": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                         "-fno-omit-frame-pointer"],
              "ldflags": ["-fsanitize=address,undefined"], "runtime": "libasan.so"},
@@ -63,6 +67,7 @@ def cuda_include():
 
 def build(variant, jobs=2):
     """Compiles (if a source is newer than the module) and returns its path."""
+    os.environ.setdefault("CUDA_HOME", str(Path(cuda_include()).parent))
     from torch.utils import cpp_extension
 
     if not (ROOT / KERNELS).exists():

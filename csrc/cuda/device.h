@@ -19,7 +19,7 @@ namespace stccl::cuda {
 // the kernel's parameter types as a <<<>>> launch converts them.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block,
-                          size_t shared_bytes, cudaStream_t stream, const Args&... args) {
+                          size_t shared_bytes, cudaStream_t stream, Args... args) {
 #if defined(STCCL_CUDA_EMULATION)
   (void)stream;  // blocks run in order on the calling thread
   const std::tuple<Params...> params(args...);

@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "device.h"
 
@@ -72,6 +73,16 @@ struct Geometry {
         THB(int(TILE_H + 2 * pad)), TWB(int(TILE_W + 2 * pad)) {}
 };
 
+// The first pixel of a block's tile. Tiles are numbered row-major along the
+// grid's x axis: a y axis would cap maps at 65535 tile rows (524280 pixels).
+struct TileOrigin {
+  int64_t x0, y0;
+};
+__device__ __forceinline__ TileOrigin tile_origin(const Geometry& g) {
+  const int64_t tiles_x = (g.W + TILE_W - 1) / TILE_W, tile = blockIdx.x;
+  return {tile % tiles_x * TILE_W, tile / tiles_x * TILE_H};
+}
+
 // Channels staged per chunk so that the tiles fit SMEM_BUDGET; 0 if even one
 // channel does not fit (the unstaged kernels then run).
 int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
@@ -79,6 +90,18 @@ int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
   const int64_t per_channel = (int64_t(g.THB) * g.TWB + (self ? 0 : TILE_H * TILE_W)) * acc_size;
   if (fixed + per_channel > SMEM_BUDGET) return 0;
   return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
+}
+
+// Channels per chunk of the gather, which stages only the other operand: the
+// a-tile part of the forward budget is free (0: the unstaged gather runs).
+int64_t gather_chunk(const Geometry& g, int64_t acc_size) {
+  return staged_chunk(g, acc_size, /*self=*/true);
+}
+
+// Launches of the gather: one per group of offsets.
+int64_t gather_launches(const Geometry& g, int64_t acc_size) {
+  const int64_t group = gather_chunk(g, acc_size) > 0 ? 81 : UNSTAGED_GROUP;
+  return (g.KK + group - 1) / group;
 }
 
 // Copies rows x cols pixels starting at (y_first, x_first) of channels
@@ -120,7 +143,7 @@ __device__ __forceinline__ void forward_staged_tile(
   int* offsets = reinterpret_cast<int*>(a_tile + (self ? 0 : int64_t(chunk) * TILE));
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
-  const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
+  const auto [x0, y0] = tile_origin(g);
   const int64_t x = x0 + tx, y = y0 + ty;
   const scalar_t* a_img = a + image_offset(sa, n);
   const scalar_t* b_img = b + image_offset(sb, n);
@@ -196,8 +219,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                             scalar_t* __restrict__ out, Geometry g, int k_begin, int k_count,
                             bool normalize, typename AccOf<scalar_t>::type eps) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t x = int64_t(blockIdx.x) * TILE_W + threadIdx.x % TILE_W;
-  const int64_t y = int64_t(blockIdx.y) * TILE_H + threadIdx.x / TILE_W;
+  const auto [x0, y0] = tile_origin(g);
+  const int64_t x = x0 + threadIdx.x % TILE_W, y = y0 + threadIdx.x / TILE_W;
   if (y >= g.H || x >= g.W) return;
   for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
   const scalar_t* a_img = a + image_offset(sa, n);
@@ -255,7 +278,9 @@ __global__ void mirror_kernel(scalar_t* __restrict__ out, Geometry g) {
 
 template <typename acc_t>
 struct Workspace {
-  acc_t *inv_a, *pass_a, *inv_b, *pass_b, *scale, *shift, *weights;
+  // weights: N*K*K*H*W; partial: N*C*H*W when a half-type gradient is gathered
+  // in several launches (the float32 sums between them), else none.
+  acc_t *inv_a, *pass_a, *inv_b, *pass_b, *scale, *shift, *weights, *partial;
   Workspace(void* base, const Geometry& g) {
     const int64_t pixels = g.N * g.H * g.W;
     acc_t* p = static_cast<acc_t*>(base);
@@ -266,8 +291,11 @@ struct Workspace {
     scale = p + 4 * pixels;
     shift = p + 5 * pixels;
     weights = p + 6 * pixels;
+    partial = weights + g.KK * pixels;
   }
-  static int64_t elements(const Geometry& g) { return (6 + g.KK) * g.N * g.H * g.W; }
+  static int64_t elements(const Geometry& g, bool with_partial) {
+    return (6 + g.KK + (with_partial ? g.C : 0)) * g.N * g.H * g.W;
+  }
 };
 
 template <typename scalar_t>
@@ -338,21 +366,23 @@ __global__ void weights_kernel(const scalar_t* __restrict__ grad_out, Strides4 s
   }
 }
 
-// grad[n, c, p] (+)= scale_p * sum_k w[k, p] other[c, p + d_k] (- shift_p own[c, p]
-// on the first group of offsets), with other staged per channel chunk.
+// grad[n, c, p] = scale_p * sum_k w[k, p] other[c, p + d_k] - shift_p own[c, p],
+// with other staged per channel chunk. A window of several offset groups sums
+// into `partial` (acc_t) on every group but the last, which writes grad.
 template <typename scalar_t, int G, bool STAGED>
 __device__ __forceinline__ void gather_tile(
     const scalar_t* __restrict__ other, Strides4 sx, const scalar_t* __restrict__ own,
     Strides4 sy, scalar_t* __restrict__ grad, const Geometry& g, int chunk, int k_begin,
-    int k_count, bool first_group, const Workspace<typename AccOf<scalar_t>::type>& ws,
-    int64_t n, unsigned char* smem) {
+    int k_count, bool first_group, bool last_group,
+    const Workspace<typename AccOf<scalar_t>::type>& ws,
+    typename AccOf<scalar_t>::type* partial, int64_t n, unsigned char* smem) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int TB = g.THB * g.TWB;
   acc_t* x_tile = reinterpret_cast<acc_t*>(smem);                              // [chunk][TB]
   int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * TB : 0));
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
-  const int64_t x0 = int64_t(blockIdx.x) * TILE_W, y0 = int64_t(blockIdx.y) * TILE_H;
+  const auto [x0, y0] = tile_origin(g);
   const int64_t x = x0 + tx, y = y0 + ty;
   const bool mine = y < g.H && x < g.W;
   const int64_t pixel = (n * g.H + (mine ? y : 0)) * g.W + (mine ? x : 0);
@@ -376,7 +406,7 @@ __device__ __forceinline__ void gather_tile(
   }
   const acc_t scale = mine ? ws.scale[pixel] : acc_t(0);
   const acc_t shift = mine && first_group ? ws.shift[pixel] : acc_t(0);
-  scalar_t* g_pix = grad + (n * g.C * g.H + y) * g.W + x;
+  const int64_t pix = (n * g.C * g.H + y) * g.W + x;  // of channel 0
 
   for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
     const int count = int(min(int64_t(chunk), g.C - c0));
@@ -399,13 +429,18 @@ __device__ __forceinline__ void gather_tile(
           s += w[i] * to_acc(x_img[c * sx.c + where[i]]);
         }
       }
+      const int64_t at = pix + c * g.H * g.W;
       acc_t v = scale * s;
       if (first_group) {
         v -= shift * to_acc(y_img[c * sy.c + y * sy.y + x * sy.x]);
       } else {
-        v += to_acc(g_pix[c * g.H * g.W]);
+        v += partial[at];
       }
-      g_pix[c * g.H * g.W] = from_acc<scalar_t>(v);
+      if (last_group) {
+        grad[at] = from_acc<scalar_t>(v);
+      } else {
+        partial[at] = v;
+      }
     }
   }
 }
@@ -415,20 +450,21 @@ __global__ void __launch_bounds__(THREADS, 1)
     gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
                   const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
                   Geometry g, int chunk, int k_begin, int k_count, bool first_group,
-                  Workspace<typename AccOf<scalar_t>::type> ws) {
+                  bool last_group, Workspace<typename AccOf<scalar_t>::type> ws,
+                  typename AccOf<scalar_t>::type* partial) {
   unsigned char* smem = dynamic_shared_memory();
   for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
     __syncthreads();  // the previous image's threads are done with shared memory
     gather_tile<scalar_t, G, STAGED>(other, sx, own, sy, grad, g, chunk, k_begin, k_count,
-                                     first_group, ws, n, smem);
+                                     first_group, last_group, ws, partial, n, smem);
   }
 }
 
 // ------------------------------------------------------------------ launchers
 
 dim3 tile_grid(const Geometry& g) {
-  return dim3(unsigned((g.W + TILE_W - 1) / TILE_W), unsigned((g.H + TILE_H - 1) / TILE_H),
-              unsigned(std::min<int64_t>(g.N, max_grid_z())));
+  const int64_t tiles = (g.W + TILE_W - 1) / TILE_W * ((g.H + TILE_H - 1) / TILE_H);
+  return dim3(unsigned(tiles), 1, unsigned(std::min<int64_t>(g.N, max_grid_z())));
 }
 
 unsigned flat_blocks(int64_t total) {
@@ -529,15 +565,18 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
   const auto* own = static_cast<const scalar_t*>(which == Grad::B ? b : a);
   const Strides4 s_own = which == Grad::B ? sb : sa;
   auto* g_out = static_cast<scalar_t*>(grad);
-  // The gather stages only `other`: the a-tile part of the forward budget is free.
-  const int64_t chunk = staged_chunk(g, sizeof(acc_t), /*self=*/true);
+  // Sums between offset groups: in the gradient itself where it is acc_t.
+  acc_t* partial = std::is_same<scalar_t, acc_t>::value ? reinterpret_cast<acc_t*>(grad)
+                                                         : ws.partial;
+  const int64_t chunk = gather_chunk(g, sizeof(acc_t));
   const int64_t TB = int64_t(g.THB) * g.TWB;
   if (chunk == 0) {  // halo beyond shared memory: neighbours through the cache
     for (int64_t k0 = 0; k0 < g.KK; k0 += UNSTAGED_GROUP) {
       const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, g.KK - k0));
       err = launch_kernel(gather_kernel<scalar_t, UNSTAGED_GROUP, false>, "gather_unstaged",
                           tile_grid(g), THREADS, UNSTAGED_GROUP * sizeof(int), stream, other,
-                          s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0, ws);
+                          s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0,
+                          k0 + kc == g.KK, ws, partial);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -547,7 +586,7 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
     STCCL_WITH_BUCKET(bucket, launch_kernel(gather_kernel<scalar_t, G, true>, "gather_staged",
                                             tile_grid(g), THREADS, smem, stream, other, s_other,
                                             own, s_own, g_out, g, int(chunk), k0, kc, k0 == 0,
-                                            ws));
+                                            k0 + kc == g.KK, ws, partial));
   });
 }
 
@@ -573,8 +612,10 @@ cudaError_t launch_forward(const Problem& p, const void* a, Strides4 sa, const v
 }
 
 int64_t backward_workspace_bytes(const Problem& p) {
+  const Geometry g(p);
   const int64_t size = p.dtype == DType::Float64 ? 8 : 4;
-  return Workspace<float>::elements(Geometry(p)) * size;
+  const bool half = p.dtype == DType::Float16 || p.dtype == DType::BFloat16;
+  return Workspace<float>::elements(g, half && gather_launches(g, size) > 1) * size;
 }
 
 cudaError_t launch_backward_norms(const Problem& p, const void* a, Strides4 sa, const void* b,

@@ -1,9 +1,14 @@
 // The emulator's runtime: launches, the two schedulers of a block's threads
 // (fibers, or OS threads under ThreadSanitizer), barriers, and the per-warp
 // memory accounting of the counting build. See emulator.h for the model.
+// _longjmp between fiber stacks is what the fibers are; glibc's fortified
+// longjmp would take a jump to another stack for stack corruption.
+#undef _FORTIFY_SOURCE
 #include "emulator.h"
 
 #include <pthread.h>
+#include <setjmp.h>
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <condition_variable>
@@ -32,7 +37,7 @@ constexpr bool OS_THREADS = true;  // TSan sees real threads and real barriers
 constexpr bool OS_THREADS = false;
 #endif
 #if defined(__SANITIZE_ADDRESS__)
-constexpr size_t FIBER_STACK = 512 * 1024;  // ASan's redzones grow the frames
+constexpr size_t FIBER_STACK = 256 * 1024;  // ASan's redzones grow the frames
 #else
 constexpr size_t FIBER_STACK = 128 * 1024;
 #endif
@@ -88,12 +93,40 @@ std::string divergence(const uint3& block, const Site& a, const Site& b) {
 
 // ------------------------------------------------------------- fiber scheduler
 
+// Fiber stacks, mapped once per OS thread and reused by every launch: a fresh
+// 128 MiB of stacks per launch would dominate the run time under ASan.
+class StackPool {
+ public:
+  char* get(size_t i) {
+    while (stacks_.size() <= i) {
+      void* p = mmap(nullptr, FIBER_STACK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      stacks_.push_back(static_cast<char*>(p));
+    }
+    return stacks_[i];
+  }
+  ~StackPool() {
+    for (char* p : stacks_) munmap(p, FIBER_STACK);
+  }
+
+ private:
+  std::vector<char*> stacks_;
+};
+thread_local StackPool stack_pool;
+
+// A block's threads are fibers that live for the whole launch: each runs the
+// kernel for one block after another, and the end of a block's body is a
+// yield like a barrier. Switches are _setjmp/_longjmp (no system call); a
+// fiber is entered through its ucontext once per launch. Under ASan every
+// switch is a swapcontext with ASan's fiber annotations.
 struct Fiber {
   ThreadState state;
-  ucontext_t context;
-  std::unique_ptr<char[]> stack;
+  ucontext_t context;  // its entry, then (ASan) where it yielded
+  jmp_buf yielded;     // where it yielded
+  char* stack = nullptr;
   Site site;
-  bool done = false;
+  bool started = false, done = false;
   std::exception_ptr error;
   void* fake_stack = nullptr;  // ASan's bookkeeping of the stack switch
 };
@@ -101,6 +134,7 @@ struct Fiber {
 struct FiberBlock {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
+  jmp_buf scheduler_point;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
   bool aborting = false;
@@ -109,16 +143,14 @@ struct FiberBlock {
 };
 thread_local FiberBlock* fiber_block = nullptr;
 
-void switch_to_scheduler(Fiber& f, bool exiting) {
+void yield_to_scheduler(Fiber& f) {
+  FiberBlock& block = *fiber_block;
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_start_switch_fiber(exiting ? nullptr : &f.fake_stack, fiber_block->scheduler_stack,
-                                 fiber_block->scheduler_stack_size);
-#else
-  (void)exiting;
-#endif
-  swapcontext(&f.context, &fiber_block->scheduler);
-#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(&f.fake_stack, block.scheduler_stack, block.scheduler_stack_size);
+  swapcontext(&f.context, &block.scheduler);
   __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#else
+  if (_setjmp(f.yielded) == 0) _longjmp(block.scheduler_point, 1);
 #endif
 }
 
@@ -128,45 +160,47 @@ void fiber_main() {
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_finish_switch_fiber(nullptr, &block.scheduler_stack, &block.scheduler_stack_size);
 #endif
-  try {
-    (*block.body)();
-  } catch (const Aborted&) {
-  } catch (...) {
-    f.error = std::current_exception();
+  for (;;) {  // one block per pass; the scheduler stops resuming after the last
+    try {
+      (*block.body)();
+    } catch (const Aborted&) {
+    } catch (...) {
+      f.error = std::current_exception();
+    }
+    f.site = Site{};
+    f.done = true;
+    yield_to_scheduler(f);
   }
-  f.site = Site{};
-  f.done = true;
-  switch_to_scheduler(f, /*exiting=*/true);
 }
 
 void resume(FiberBlock& block, Fiber& f) {
   block.running = &f;
   current = &f.state;
-  memory_traffic::set_thread(&f.state, f.stack.get(), FIBER_STACK);
-  [[maybe_unused]] void* fake = nullptr;
+  memory_traffic::set_thread(&f.state, f.stack, FIBER_STACK);
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_start_switch_fiber(&fake, f.stack.get(), FIBER_STACK);
-#endif
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack, FIBER_STACK);
   swapcontext(&block.scheduler, &f.context);
-#if defined(__SANITIZE_ADDRESS__)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  if (_setjmp(block.scheduler_point) == 0) {
+    if (f.started) _longjmp(f.yielded, 1);
+    f.started = true;
+    setcontext(&f.context);
+  }
 #endif
+  f.started = true;
   current = nullptr;
   memory_traffic::set_thread(nullptr, nullptr, 0);
 }
 
-// Runs the block's fibers to a barrier at a time: each runs until it waits or
+// Runs the block's fibers a barrier at a time: each runs until it waits or
 // ends; then all must stand at the same site.
 void run_block_fibers(FiberBlock& block, const uint3& block_idx) {
   for (Fiber& f : block.fibers) {
     f.state.block_idx = block_idx;
     f.done = false;
     f.site = Site{};
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.get();
-    f.context.uc_stack.ss_size = FIBER_STACK;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiber_main, 0);
   }
   block.aborting = false;
   for (;;) {
@@ -178,11 +212,11 @@ void run_block_fibers(FiberBlock& block, const uint3& block_idx) {
     const Site site = block.fibers[0].site;
     for (Fiber& f : block.fibers) {
       if (!(f.site == site)) {
-        // Unwind the waiting fibers (their frames hold nothing to free).
-        block.aborting = true;
+        const std::string why = divergence(block_idx, site, f.site);
+        block.aborting = true;  // let the waiting fibers unwind
         for (Fiber& g : block.fibers)
           if (!g.done) resume(block, g);
-        throw LaunchFailure(divergence(block_idx, site, f.site));
+        throw LaunchFailure(why);
       }
     }
     if (site.file == nullptr) return;  // every thread ended
@@ -198,10 +232,15 @@ void run_fibers(const dim3& grid, const dim3& block_dim, size_t shared_bytes,
   SharedMemory shared(shared_bytes);
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = block.fibers[t];
-    f.stack.reset(new char[FIBER_STACK]);
+    f.stack = stack_pool.get(t);
     f.state.thread_idx = unflatten(t, block_dim);
     f.state.block_dim = block_dim;
     f.state.grid_dim = grid;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = FIBER_STACK;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
   }
   memory_traffic::set_arena(block.fibers.data(), block.fibers.size() * sizeof(Fiber));
   FiberBlock* outer = fiber_block;
@@ -224,7 +263,7 @@ void fiber_barrier(const Site& site) {
   FiberBlock& block = *fiber_block;
   Fiber& f = *block.running;
   f.site = site;
-  switch_to_scheduler(f, /*exiting=*/false);
+  yield_to_scheduler(f);
   if (block.aborting) throw Aborted{};
 }
 
