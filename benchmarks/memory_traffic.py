@@ -59,10 +59,9 @@ def measure(module, case, layout):
     results = []
     for backward in (False, True):
         inputs = make_inputs(case, requires_grad=backward)
-        if layout == "channels_last":
-            fmt = torch.channels_last_3d if inputs[0].dim() == 5 else torch.channels_last
-            inputs = tuple(t.detach().to(memory_format=fmt).requires_grad_(backward)
-                           for t in inputs)
+        if layout == "channels_last":  # channels innermost; for a clip, in every frame
+            inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
+                           .requires_grad_(backward) for t in inputs)
         out = run_case(case, inputs, "cuda_emulated")
         grad_out = torch.randn_like(out)
         module.memory_traffic()  # drop the forward's counts when timing the backward

@@ -106,14 +106,41 @@ int64_t gather_launches(const Geometry& g, int64_t acc_size) {
 
 // Copies rows x cols pixels starting at (y_first, x_first) of channels
 // [c0, c0 + count) of one image into tile[cc * tile_stride + i] (0 outside the
-// image), adding each pixel's sum of squares to sq[i] when given. Each index i
-// belongs to one thread, so sq needs no synchronisation.
+// image), adding each pixel's sum of squares to sq[i] when given.
+//
+// Consecutive threads read along the axis of the smaller stride, so that a
+// warp's loads are coalesced: x for NCHW, the channels for channels_last
+// (reading along x there took 8x the sectors a warp needs). Along x, each
+// thread owns a pixel and sums its squares itself; along channels, the sums
+// come from the staged tile after a barrier. Both add in channel order: the
+// result is the same bits.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ img, const Strides4& s,
                                            const Geometry& g, int64_t y_first, int64_t x_first,
                                            int rows, int cols, int64_t c0, int count,
                                            acc_t* tile, int tile_stride, acc_t* sq) {
-  for (int i = threadIdx.x; i < rows * cols; i += THREADS) {
+  const int pixels = rows * cols;
+  if (count > 1 && s.c < s.x) {
+    for (int j = threadIdx.x; j < pixels * count; j += THREADS) {
+      const int i = j / count, cc = j - i * count;
+      const int64_t yy = y_first + i / cols, xx = x_first + i % cols;
+      tile[cc * tile_stride + i] =
+          in_image(yy, xx, g.H, g.W) ? to_acc(img[yy * s.y + xx * s.x + (c0 + cc) * s.c])
+                                     : acc_t(0);
+    }
+    if (sq == nullptr) return;
+    __syncthreads();  // the tile is staged
+    for (int i = threadIdx.x; i < pixels; i += THREADS) {
+      acc_t total = 0;
+      for (int cc = 0; cc < count; ++cc) {
+        const acc_t v = tile[cc * tile_stride + i];
+        total += v * v;
+      }
+      sq[i] += total;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < pixels; i += THREADS) {
     const int64_t yy = y_first + i / cols, xx = x_first + i % cols;
     const bool inside = in_image(yy, xx, g.H, g.W);
     const scalar_t* src = img + (inside ? yy * s.y + xx * s.x : 0) + c0 * s.c;
