@@ -29,7 +29,7 @@ def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8,
         kernel_size: K, odd >= 1. dilation: >= 1, spacing of the window.
         normalize: cosine correlation (channel vectors divided by
             max(||v||, eps), as F.normalize) if True, raw dot product if False.
-        backend: 'reference', 'cpp', 'cuda', 'triton' or 'auto'; None reads
+        backend: 'reference', 'cpp', 'cuda', 'triton', 'cuda_emulated' or 'auto'; None reads
             $STCCL_BACKEND, else 'auto'.
 
     Returns:

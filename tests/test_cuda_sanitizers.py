@@ -47,8 +47,10 @@ def test_emulated_kernels_under_sanitizer(variant):
 
     path = _cuda_emulation.build(variant)
     env = _cuda_emulation.environment(variant, path)
+    # --capture=sys: a sanitizer writes its report to fd 2 and ends the
+    # process; pytest's fd capture would swallow it.
     cmd = [sys.executable, "-c", RUN, "tests/test_cuda_emulated.py", "-q", "-x",
-           "-p", "no:cacheprovider", "-k", SUBSETS[variant]]
+           "-p", "no:cacheprovider", "--capture=sys", "-k", SUBSETS[variant]]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     output = result.stdout + result.stderr
     reports = [line for line in output.splitlines() if any(r in line for r in REPORTS)]

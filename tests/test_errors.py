@@ -74,7 +74,7 @@ CLIP = torch.randn(1, 3, 2, 4, 4)
     (lambda be: stccl_ops.spatiotemporal_correlation(CLIP, temporal_kernel_size=2, backend=be),
      ValueError, r"spatiotemporal_correlation: temporal_kernel_size must be a positive odd"),
     (lambda be: stccl_ops.local_correlation(X, X, backend=be + "x"), ValueError,
-     r"local_correlation: backend must be one of reference, cpp, cuda, triton or 'auto', got"),
+     r"local_correlation: backend must be one of reference, cpp, cuda, triton, cuda_emulated or 'auto', got"),
 ])
 def test_public_errors(backend, call, error, pattern):
     with pytest.raises(error, match=pattern):

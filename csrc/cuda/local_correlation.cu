@@ -64,13 +64,20 @@ struct AccOf<double> {
   using type = double;
 };
 
+// The channel stride of a staged tile of `pixels` values: odd, so that the 32
+// lanes of a warp that stage 32 channels of one pixel hit 32 different banks
+// (an even stride such as the 256 of an a tile put them all in one).
+constexpr int channel_stride(int64_t pixels) { return int(pixels | 1); }
+
 struct Geometry {
   int64_t N, C, H, W, K, KK, dilation, pad;
   int THB, TWB;  // staged b tile with its halo
+  int BS, AS;    // channel strides of the staged b and a tiles
   explicit Geometry(const Problem& p)
       : N(p.N), C(p.C), H(p.H), W(p.W), K(p.kernel_size), KK(p.kernel_size * p.kernel_size),
         dilation(p.dilation), pad((p.kernel_size / 2) * p.dilation),
-        THB(int(TILE_H + 2 * pad)), TWB(int(TILE_W + 2 * pad)) {}
+        THB(int(TILE_H + 2 * pad)), TWB(int(TILE_W + 2 * pad)),
+        BS(channel_stride(int64_t(THB) * TWB)), AS(channel_stride(TILE_H * TILE_W)) {}
 };
 
 // The first pixel of a block's tile. Tiles are numbered row-major along the
@@ -87,7 +94,7 @@ __device__ __forceinline__ TileOrigin tile_origin(const Geometry& g) {
 // channel does not fit (the unstaged kernels then run).
 int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
   const int64_t fixed = (int64_t(g.THB) * g.TWB + TILE_H * TILE_W) * acc_size + 81 * 4;
-  const int64_t per_channel = (int64_t(g.THB) * g.TWB + (self ? 0 : TILE_H * TILE_W)) * acc_size;
+  const int64_t per_channel = (g.BS + (self ? 0 : g.AS)) * acc_size;
   if (fixed + per_channel > SMEM_BUDGET) return 0;
   return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
 }
@@ -96,6 +103,14 @@ int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
 // a-tile part of the forward budget is free (0: the unstaged gather runs).
 int64_t gather_chunk(const Geometry& g, int64_t acc_size) {
   return staged_chunk(g, acc_size, /*self=*/true);
+}
+
+// A chunk of channels-innermost operands rounded down to whole 32-byte
+// sectors, so that each pixel's chunk is whole sectors (a chunk of 11 floats
+// took twice the sectors a warp needs).
+int64_t sector_aligned(int64_t chunk, bool channels_innermost, int64_t element_size) {
+  const int64_t per_sector = 32 / element_size;
+  return channels_innermost && chunk > per_sector ? chunk / per_sector * per_sector : chunk;
 }
 
 // Launches of the gather: one per group of offsets.
@@ -165,9 +180,9 @@ __device__ __forceinline__ void forward_staged_tile(
   const int TB = g.THB * g.TWB, TILE = TILE_H * TILE_W;
   acc_t* b_sq = reinterpret_cast<acc_t*>(smem);  // [THB * TWB]
   acc_t* a_sq = b_sq + TB;                        // [TILE]
-  acc_t* b_tile = a_sq + TILE;                    // [chunk][THB * TWB]
-  acc_t* a_tile = b_tile + int64_t(chunk) * TB;   // [chunk][TILE] (not for self)
-  int* offsets = reinterpret_cast<int*>(a_tile + (self ? 0 : int64_t(chunk) * TILE));
+  acc_t* b_tile = a_sq + TILE;                      // [chunk][BS]
+  acc_t* a_tile = b_tile + int64_t(chunk) * g.BS;   // [chunk][AS] (not for self)
+  int* offsets = reinterpret_cast<int*>(a_tile + (self ? 0 : int64_t(chunk) * g.AS));
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
   const auto [x0, y0] = tile_origin(g);
@@ -188,18 +203,19 @@ __device__ __forceinline__ void forward_staged_tile(
   for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
     const int count = int(min(int64_t(chunk), g.C - c0));
     __syncthreads();  // the previous chunk is consumed
-    stage_tile(b_img, sb, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, b_tile, TB, b_sq);
+    stage_tile(b_img, sb, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, b_tile, g.BS,
+               b_sq);
     if (!self)
-      stage_tile(a_img, sa, g, y0, x0, TILE_H, TILE_W, c0, count, a_tile, TILE, a_sq);
+      stage_tile(a_img, sa, g, y0, x0, TILE_H, TILE_W, c0, count, a_tile, g.AS, a_sq);
     __syncthreads();
     const acc_t* a_col = self ? b_tile + (ty + g.pad) * g.TWB + tx + g.pad : a_tile + tid;
-    const int a_stride = self ? TB : TILE;
+    const int a_stride = self ? g.BS : g.AS;
     const acc_t* b_col = b_tile + ty * g.TWB + tx;
     for (int cc = 0; cc < count; ++cc) {
       const acc_t va = a_col[cc * a_stride];
 #pragma unroll
       for (int i = 0; i < G; ++i)
-        if (i < k_count) acc[i] += va * b_col[cc * TB + offsets[i]];
+        if (i < k_count) acc[i] += va * b_col[cc * g.BS + offsets[i]];
     }
   }
   __syncthreads();
@@ -404,9 +420,8 @@ __device__ __forceinline__ void gather_tile(
     const Workspace<typename AccOf<scalar_t>::type>& ws,
     typename AccOf<scalar_t>::type* partial, int64_t n, unsigned char* smem) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int TB = g.THB * g.TWB;
-  acc_t* x_tile = reinterpret_cast<acc_t*>(smem);                              // [chunk][TB]
-  int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * TB : 0));
+  acc_t* x_tile = reinterpret_cast<acc_t*>(smem);  // [chunk][BS]
+  int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * g.BS : 0));
 
   const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
   const auto [x0, y0] = tile_origin(g);
@@ -439,7 +454,7 @@ __device__ __forceinline__ void gather_tile(
     const int count = int(min(int64_t(chunk), g.C - c0));
     if (STAGED) {
       __syncthreads();
-      stage_tile(x_img, sx, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, x_tile, TB,
+      stage_tile(x_img, sx, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, x_tile, g.BS,
                  static_cast<acc_t*>(nullptr));
       __syncthreads();
     }
@@ -451,7 +466,7 @@ __device__ __forceinline__ void gather_tile(
       for (int i = 0; i < G; ++i) {
         if (i >= k_count) break;
         if (STAGED) {
-          s += w[i] * x_tile[cc * TB + ty * g.TWB + tx + offsets[i]];
+          s += w[i] * x_tile[cc * g.BS + ty * g.TWB + tx + offsets[i]];
         } else if (where[i] >= 0) {
           s += w[i] * to_acc(x_img[c * sx.c + where[i]]);
         }
@@ -531,11 +546,12 @@ cudaError_t forward(const Problem& p, const void* a_, Strides4 sa, const void* b
   auto* out = static_cast<scalar_t*>(out_);
   const acc_t eps = acc_t(p.eps);
   const int64_t count = self ? g.KK / 2 + 1 : g.KK;
-  const int64_t chunk = staged_chunk(g, sizeof(acc_t), self);
+  const int64_t chunk = sector_aligned(staged_chunk(g, sizeof(acc_t), self),
+                                       sa.c < sa.x || sb.c < sb.x, sizeof(scalar_t));
   cudaError_t err = cudaSuccess;
   if (chunk > 0) {
     const int64_t TB = int64_t(g.THB) * g.TWB;
-    const size_t smem = size_t((TB + TILE_H * TILE_W + chunk * (TB + (self ? 0 : TILE_H * TILE_W))) *
+    const size_t smem = size_t((TB + TILE_H * TILE_W + chunk * (g.BS + (self ? 0 : g.AS))) *
                                sizeof(acc_t) + 81 * sizeof(int));
     err = for_offset_groups(0, count, [&](int bucket, int k0, int kc) {
       STCCL_WITH_BUCKET(bucket, launch_kernel(forward_staged_kernel<scalar_t, G>, "forward_staged",
@@ -595,8 +611,8 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
   // Sums between offset groups: in the gradient itself where it is acc_t.
   acc_t* partial = std::is_same<scalar_t, acc_t>::value ? reinterpret_cast<acc_t*>(grad)
                                                          : ws.partial;
-  const int64_t chunk = gather_chunk(g, sizeof(acc_t));
-  const int64_t TB = int64_t(g.THB) * g.TWB;
+  const int64_t chunk =
+      sector_aligned(gather_chunk(g, sizeof(acc_t)), s_other.c < s_other.x, sizeof(scalar_t));
   if (chunk == 0) {  // halo beyond shared memory: neighbours through the cache
     for (int64_t k0 = 0; k0 < g.KK; k0 += UNSTAGED_GROUP) {
       const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, g.KK - k0));
@@ -608,7 +624,7 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
     }
     return cudaSuccess;
   }
-  const size_t smem = size_t(chunk * TB * sizeof(acc_t) + 81 * sizeof(int));
+  const size_t smem = size_t(chunk * g.BS * sizeof(acc_t) + 81 * sizeof(int));
   return for_offset_groups(0, g.KK, [&](int bucket, int k0, int kc) {
     STCCL_WITH_BUCKET(bucket, launch_kernel(gather_kernel<scalar_t, G, true>, "gather_staged",
                                             tile_grid(g), THREADS, smem, stream, other, s_other,
