@@ -20,6 +20,7 @@ Environment:
 import glob
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -117,12 +118,9 @@ def compiler_has_openmp():
 
 
 # The emulated CUDA library: the schemas, autograd and CUDA entry points of
-# stccl_ops._C in a namespace of their own, and the .cu kernels as host C++.
-EMULATED_SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/local_correlation_ops.cpp",
-                    "csrc/cuda/emulation/emulator.cpp", "csrc/cuda/emulation/kernels.cpp",
-                    "csrc/cuda/emulation/memory_traffic.cpp", "csrc/cuda/emulation/module.cpp"]
-EMULATED_FLAGS = ["-O2", "-fno-math-errno", "-Wno-unknown-pragmas", "-DSTCCL_CUDA_EMULATION",
-                  "-DSTCCL_OPS_NAMESPACE=stccl_ops_cuda_emulated"]
+# stccl_ops._C in a namespace of their own, and the .cu kernels as host C++;
+# its sources and flags are those of its sanitizer builds.
+_EMULATION = runpy.run_path(os.path.join(ROOT, "stccl_ops", "_cuda_emulation.py"))
 
 
 def emulated_extension(cuda_home):
@@ -131,9 +129,9 @@ def emulated_extension(cuda_home):
     if cuda_home is None:
         sys.exit("stccl_ops: STCCL_CUDA_EMULATION=1 needs the CUDA toolkit's headers (cuda_fp16.h, "
                  "cuda_bf16.h, cuda_runtime_api.h); none was found (set CUDA_HOME)")
-    return CppExtension("stccl_ops._C_cuda_emulated", EMULATED_SOURCES,
+    return CppExtension("stccl_ops._C_cuda_emulated", _EMULATION["SOURCES"],
                         include_dirs=[os.path.join(cuda_home, "include")],
-                        extra_compile_args={"cxx": EMULATED_FLAGS})
+                        extra_compile_args={"cxx": ["-O2", *_EMULATION["FLAGS"]]})
 
 
 def extensions():

@@ -29,12 +29,15 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# setup.py builds stccl_ops._C_cuda_emulated from these sources too.
 SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/local_correlation_ops.cpp",
            "csrc/cuda/emulation/emulator.cpp", "csrc/cuda/emulation/kernels.cpp",
            "csrc/cuda/emulation/memory_traffic.cpp", "csrc/cuda/emulation/module.cpp"]
 KERNELS = "csrc/cuda/emulation/kernels.cpp"
-COMMON = ["-std=c++20", "-fPIC", "-g", "-fno-math-errno", "-Wno-unknown-pragmas",
-          "-DSTCCL_CUDA_EMULATION", "-DSTCCL_OPS_NAMESPACE=stccl_ops_cuda_emulated"]
+# Flags of every build of the emulated library, setup.py's included.
+FLAGS = ["-fno-math-errno", "-Wno-unknown-pragmas", "-DSTCCL_CUDA_EMULATION",
+         "-DSTCCL_OPS_NAMESPACE=stccl_ops_cuda_emulated"]
+COMMON = ["-std=c++20", "-fPIC", "-g", *FLAGS]
 VARIANTS = {
     # As `pip install` builds it; for working on a kernel without reinstalling.
     "plain": {"cflags": ["-O2"], "ldflags": [], "runtime": None},

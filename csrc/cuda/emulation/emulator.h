@@ -19,8 +19,9 @@
 //   most 65535, 48 KiB of dynamic shared memory; grid_limits() can lower the
 //   caps the kernels size their grids by, so grid-stride and image loops run
 //   on small inputs.
-// Not modelled, so refused at compile time: warp shuffles and votes, atomics,
-// static __shared__ arrays, cooperative groups (none is declared here).
+// Not modelled, so refused at compile time: warp shuffles and votes, atomics
+// (declared deleted below), static __shared__ arrays and cooperative groups
+// (not declared).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -76,6 +77,23 @@ GridLimits& grid_limits();
 #define blockDim (::stccl::emu::this_thread().block_dim)
 #define gridDim (::stccl::emu::this_thread().grid_dim)
 #define __syncthreads() ::stccl::emu::syncthreads(__FILE__, __LINE__)
+
+// Not emulated: warp-level primitives and atomics would need lockstep warps
+// and a memory model the emulator does not have. A kernel that uses one does
+// not compile for the emulator ("use of deleted function").
+template <typename... T> void __syncwarp(T...) = delete;
+template <typename... T> void __shfl_sync(T...) = delete;
+template <typename... T> void __shfl_up_sync(T...) = delete;
+template <typename... T> void __shfl_down_sync(T...) = delete;
+template <typename... T> void __shfl_xor_sync(T...) = delete;
+template <typename... T> void __ballot_sync(T...) = delete;
+template <typename... T> void __any_sync(T...) = delete;
+template <typename... T> void __all_sync(T...) = delete;
+template <typename... T> void atomicAdd(T...) = delete;
+template <typename... T> void atomicCAS(T...) = delete;
+template <typename... T> void atomicExch(T...) = delete;
+template <typename... T> void atomicMax(T...) = delete;
+template <typename... T> void atomicMin(T...) = delete;
 
 // Device-side math the kernels use that host C++ spells differently.
 template <typename T>
