@@ -6,14 +6,14 @@
   and shared accesses, misaligned accesses, overflow in index math);
 - ``tsan``: ThreadSanitizer, each CUDA thread an OS thread (what
   ``--tool racecheck`` finds: shared-memory races between barriers);
-- ``plain``: the build `pip install` makes, rebuilt in seconds while working
-  on a kernel;
+- ``plain``: the build `pip install` makes, rebuilt alone (about a minute)
+  while working on a kernel;
 - ``count``: the kernels instrumented for the per-warp memory accounting
   (csrc/cuda/emulation/memory_traffic.h).
 
 A build is a Python extension module; a process uses it by setting
 STCCL_CUDA_EMULATED_LIBRARY to its path before importing stccl_ops, and
-``environment(variant)`` gives the other variables a sanitizer run needs (its
+``environment(variant, path)`` gives the other variables a sanitizer run needs (its
 runtime preloaded: the Python interpreter is not instrumented).
 
     python -m stccl_ops._cuda_emulation asan   # builds, prints the path
