@@ -237,9 +237,18 @@ __device__ __forceinline__ void forward_staged_tile(
   }
 }
 
+// Blocks per SM the register budget must allow: three for the small windows
+// of 4-byte-accumulating types (at most 85 registers a thread; K = 3, the
+// STCCL window, is memory-bound and wants the warps to hide latency), one
+// otherwise (the accumulators of larger groups need the registers).
+template <typename scalar_t, int G>
+constexpr int min_blocks() {
+  return G <= 9 && sizeof(typename AccOf<scalar_t>::type) == 4 ? 3 : 1;
+}
+
 // Images beyond the grid's z extent (65535) are looped over.
 template <typename scalar_t, int G>
-__global__ void __launch_bounds__(THREADS, 1)
+__global__ void __launch_bounds__(THREADS, (min_blocks<scalar_t, G>()))
     forward_staged_kernel(const scalar_t* __restrict__ a, Strides4 sa,
                           const scalar_t* __restrict__ b, Strides4 sb,
                           scalar_t* __restrict__ out, Geometry g, int chunk, int k_begin,
@@ -488,7 +497,7 @@ __device__ __forceinline__ void gather_tile(
 }
 
 template <typename scalar_t, int G, bool STAGED>
-__global__ void __launch_bounds__(THREADS, 1)
+__global__ void __launch_bounds__(THREADS, (STAGED ? min_blocks<scalar_t, G>() : 1))
     gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
                   const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
                   Geometry g, int chunk, int k_begin, int k_count, bool first_group,
