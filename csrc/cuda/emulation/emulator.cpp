@@ -1,8 +1,9 @@
 // The emulator's runtime: launches, the two schedulers of a block's threads
 // (fibers, or OS threads under ThreadSanitizer), barriers, and the per-warp
 // memory accounting of the counting build. See emulator.h for the model.
-// _longjmp between fiber stacks is what the fibers are; glibc's fortified
-// longjmp would take a jump to another stack for stack corruption.
+
+// Fibers switch stacks with _longjmp; glibc's fortified longjmp would take a
+// jump to another stack for stack corruption.
 #undef _FORTIFY_SOURCE
 #include "emulator.h"
 
@@ -17,7 +18,6 @@
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -297,7 +297,7 @@ class Barrier {
     return false;
   }
 
-  void fail(const std::string& why) {  // with mutex_ held or not: first error wins
+  void fail(const std::string& why) {  // with mutex_ held; the first error wins
     if (!broken_) error_ = why;
     broken_ = true;
     cv_.notify_all();
