@@ -46,8 +46,10 @@ def _image_offset(n, inner, outer, batch):
 
 @triton.jit
 def _inverse_norm_kernel(x_ptr, inv_ptr, pass_ptr, C, H, W, inner, outer, batch, sc, sy, sx,
-                         eps, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                         eps_ptr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          ACC: tl.constexpr):
+    # eps comes from memory in ACC: a Python float argument would be fp32.
+    eps = tl.load(eps_ptr)
     pid, n = tl.program_id(0), tl.program_id(1)
     hw = H * W
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -210,9 +212,10 @@ def inverse_norms(t, eps):
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     inv = torch.empty(N, H, W, dtype=acc, device=t.device)
     passes = torch.empty_like(inv)
+    eps_acc = torch.full((1,), eps, dtype=acc, device=t.device)
     grid = (triton.cdiv(H * W, 128), N)
     wrap_triton(_inverse_norm_kernel)[grid](
-        t, inv, passes, C, H, W, *strides6(t), eps, BLOCK_P=128, BLOCK_C=16,
+        t, inv, passes, C, H, W, *strides6(t), eps_acc, BLOCK_P=128, BLOCK_C=16,
         ACC=acc_dtype(t.dtype))
     return inv, passes
 
