@@ -62,13 +62,12 @@ def measure(module, case, layout):
         if layout == "channels_last":  # channels innermost; for a clip, in every frame
             inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
                            .requires_grad_(backward) for t in inputs)
+        module.memory_traffic()  # drop what earlier passes left
         out = run_case(case, inputs, "cuda_emulated")
-        grad_out = torch.randn_like(out)
-        module.memory_traffic()  # drop the forward's counts when timing the backward
         if backward:
+            grad_out = torch.randn_like(out)
+            module.memory_traffic()  # the backward's launches only
             torch.autograd.grad(out, inputs, grad_out)
-        else:
-            run_case(case, inputs, "cuda_emulated")
         kernels = summarise(module.memory_traffic())
         sector_bytes = 32 * sum(k[kind]["sectors"] for k in kernels.values()
                                 for kind in ("load", "store"))

@@ -19,7 +19,7 @@ def compile_and_run(tmp_path, counting):
     from stccl_ops import _cuda_emulation
 
     root = _cuda_emulation.ROOT
-    flags = ["-std=c++17", "-O1", "-g", "-DSTCCL_CUDA_EMULATION", "-Wall", "-Wno-unknown-pragmas",
+    flags = ["-std=c++17", "-O1", "-g", "-Wall", *_cuda_emulation.FLAGS,
              f"-I{_cuda_emulation.cuda_include()}"]
     if counting:
         flags.append("-DSTCCL_EMU_COUNT_ACCESSES")

@@ -99,6 +99,12 @@ int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
   return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
 }
 
+// Whether staging reads along the channels: they are the smaller stride
+// (channels_last), so consecutive threads reading consecutive channels coalesce.
+__host__ __device__ __forceinline__ bool stages_along_channels(const Strides4& s) {
+  return s.c < s.x;
+}
+
 // Channels per chunk of the gather, which stages only the other operand: the
 // a-tile part of the forward budget is free (0: the unstaged gather runs).
 int64_t gather_chunk(const Geometry& g, int64_t acc_size) {
@@ -135,7 +141,7 @@ __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ img, con
                                            int rows, int cols, int64_t c0, int count,
                                            acc_t* tile, int tile_stride, acc_t* sq) {
   const int pixels = rows * cols;
-  if (count > 1 && s.c < s.x) {
+  if (count > 1 && stages_along_channels(s)) {
     for (int j = threadIdx.x; j < pixels * count; j += THREADS) {
       const int i = j / count, cc = j - i * count;
       const int64_t yy = y_first + i / cols, xx = x_first + i % cols;
@@ -331,7 +337,8 @@ __global__ void mirror_kernel(scalar_t* __restrict__ out, Geometry g) {
 template <typename acc_t>
 struct Workspace {
   // weights: N*K*K*H*W; partial: N*C*H*W when a half-type gradient is gathered
-  // in several launches (the float32 sums between them), else none.
+  // in several launches (the float32 sums between them); for float32/64 the
+  // launcher points it at the gradient itself.
   acc_t *inv_a, *pass_a, *inv_b, *pass_b, *scale, *shift, *weights, *partial;
   Workspace(void* base, const Geometry& g) {
     const int64_t pixels = g.N * g.H * g.W;
@@ -426,8 +433,7 @@ __device__ __forceinline__ void gather_tile(
     const scalar_t* __restrict__ other, Strides4 sx, const scalar_t* __restrict__ own,
     Strides4 sy, scalar_t* __restrict__ grad, const Geometry& g, int chunk, int k_begin,
     int k_count, bool first_group, bool last_group,
-    const Workspace<typename AccOf<scalar_t>::type>& ws,
-    typename AccOf<scalar_t>::type* partial, int64_t n, unsigned char* smem) {
+    const Workspace<typename AccOf<scalar_t>::type>& ws, int64_t n, unsigned char* smem) {
   using acc_t = typename AccOf<scalar_t>::type;
   acc_t* x_tile = reinterpret_cast<acc_t*>(smem);  // [chunk][BS]
   int* offsets = reinterpret_cast<int*>(x_tile + (STAGED ? int64_t(chunk) * g.BS : 0));
@@ -485,12 +491,12 @@ __device__ __forceinline__ void gather_tile(
       if (first_group) {
         v -= shift * to_acc(y_img[c * sy.c + y * sy.y + x * sy.x]);
       } else {
-        v += partial[at];
+        v += ws.partial[at];
       }
       if (last_group) {
         grad[at] = from_acc<scalar_t>(v);
       } else {
-        partial[at] = v;
+        ws.partial[at] = v;
       }
     }
   }
@@ -501,13 +507,12 @@ __global__ void __launch_bounds__(THREADS, (STAGED ? min_blocks<scalar_t, G>() :
     gather_kernel(const scalar_t* __restrict__ other, Strides4 sx,
                   const scalar_t* __restrict__ own, Strides4 sy, scalar_t* __restrict__ grad,
                   Geometry g, int chunk, int k_begin, int k_count, bool first_group,
-                  bool last_group, Workspace<typename AccOf<scalar_t>::type> ws,
-                  typename AccOf<scalar_t>::type* partial) {
+                  bool last_group, Workspace<typename AccOf<scalar_t>::type> ws) {
   unsigned char* smem = dynamic_shared_memory();
   for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
     __syncthreads();  // the previous image's threads are done with shared memory
     gather_tile<scalar_t, G, STAGED>(other, sx, own, sy, grad, g, chunk, k_begin, k_count,
-                                     first_group, last_group, ws, partial, n, smem);
+                                     first_group, last_group, ws, n, smem);
   }
 }
 
@@ -556,7 +561,8 @@ cudaError_t forward(const Problem& p, const void* a_, Strides4 sa, const void* b
   const acc_t eps = acc_t(p.eps);
   const int64_t count = self ? g.KK / 2 + 1 : g.KK;
   const int64_t chunk = sector_aligned(staged_chunk(g, sizeof(acc_t), self),
-                                       sa.c < sa.x || sb.c < sb.x, sizeof(scalar_t));
+                                       stages_along_channels(sa) || stages_along_channels(sb),
+                                       sizeof(scalar_t));
   cudaError_t err = cudaSuccess;
   if (chunk > 0) {
     const int64_t TB = int64_t(g.THB) * g.TWB;
@@ -618,17 +624,17 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
   const Strides4 s_own = which == Grad::B ? sb : sa;
   auto* g_out = static_cast<scalar_t*>(grad);
   // Sums between offset groups: in the gradient itself where it is acc_t.
-  acc_t* partial = std::is_same<scalar_t, acc_t>::value ? reinterpret_cast<acc_t*>(grad)
-                                                         : ws.partial;
+  if (std::is_same<scalar_t, acc_t>::value) ws.partial = reinterpret_cast<acc_t*>(grad);
   const int64_t chunk =
-      sector_aligned(gather_chunk(g, sizeof(acc_t)), s_other.c < s_other.x, sizeof(scalar_t));
+      sector_aligned(gather_chunk(g, sizeof(acc_t)), stages_along_channels(s_other),
+                     sizeof(scalar_t));
   if (chunk == 0) {  // halo beyond shared memory: neighbours through the cache
     for (int64_t k0 = 0; k0 < g.KK; k0 += UNSTAGED_GROUP) {
       const int kc = int(std::min<int64_t>(UNSTAGED_GROUP, g.KK - k0));
       err = launch_kernel(gather_kernel<scalar_t, UNSTAGED_GROUP, false>, "gather_unstaged",
                           tile_grid(g), THREADS, UNSTAGED_GROUP * sizeof(int), stream, other,
                           s_other, own, s_own, g_out, g, 1, int(k0), kc, k0 == 0,
-                          k0 + kc == g.KK, ws, partial);
+                          k0 + kc == g.KK, ws);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -638,7 +644,7 @@ cudaError_t backward(const Problem& p, Grad which, const void* grad_out, Strides
     STCCL_WITH_BUCKET(bucket, launch_kernel(gather_kernel<scalar_t, G, true>, "gather_staged",
                                             tile_grid(g), THREADS, smem, stream, other, s_other,
                                             own, s_own, g_out, g, int(chunk), k0, kc, k0 == 0,
-                                            k0 + kc == g.KK, ws, partial));
+                                            k0 + kc == g.KK, ws));
   });
 }
 
