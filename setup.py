@@ -183,6 +183,7 @@ setup(
     packages=find_packages(include=["stccl_ops", "stccl_ops.*"])
     + find_packages("python", include=["stccl", "stccl.*"]),
     package_dir={"stccl": "python/stccl"},
+    package_data={"stccl_ops": ["py.typed"], "stccl": ["py.typed"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
 )

@@ -29,9 +29,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import stccl_ops  # noqa: E402
-from cases import STANDARD_CASES, make_step  # noqa: E402
+import stccl_ops
+from cases import STANDARD_CASES, make_step  # benchmarks/ is the script's directory
 
 
 def synchronize(device):

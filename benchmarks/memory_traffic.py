@@ -114,7 +114,7 @@ def main():
 
     import stccl_ops
 
-    module = stccl_ops._ops._C_cuda_emulated
+    module = stccl_ops._extension._C_cuda_emulated
     if module is None or not module.info()["counts_memory_traffic"]:
         sys.exit("memory_traffic.py: STCCL_CUDA_EMULATED_LIBRARY is not a counting build")
     results = [r for case in scaled_cases() for layout in LAYOUTS

@@ -7,15 +7,11 @@ cases, forward and forward+backward. Run with
 floors and memory.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import stccl_ops  # noqa: E402
-from cases import STANDARD_CASES, make_step  # noqa: E402
+import stccl_ops
+from cases import STANDARD_CASES, make_step  # pytest puts benchmarks/ on sys.path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,11 +5,11 @@
 // refuse double backward with a clear error.
 //
 // Why C++ and not torch.library.register_autograd: the Python formula costs
-// about 0.1 ms of interpreter time per forward+backward on this package's
-// CPUs (two Python autograd.Function applications, the backward op's wrapper
-// included), 3% of a T1 training step and most of a small one; this costs a
-// few microseconds. torch.compile traces it like any C++ autograd kernel, with
-// the fake kernels registered in stccl_ops/_ops.py; the Functions are marked
+// two Python autograd.Function applications and the backward op's wrapper in
+// interpreter time per forward+backward (a visible share of a small training
+// step; docs/cpu_kernels.md); this costs a few microseconds. torch.compile
+// traces it like any C++ autograd kernel, with the fake kernels registered in
+// stccl_ops/_registrations.py; the Functions are marked
 // traceable, so compiled autograd also traces their backward (it reads only
 // the saved variables and saved_data) instead of breaking its graph there.
 #include <torch/autograd.h>
@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include "op_namespace.h"
+#include "ops.h"
+#include "window.h"
 
 namespace stccl {
 namespace {
@@ -70,19 +72,12 @@ const auto& temporal_backward_op() {
   return op;
 }
 
-void save_window(AutogradContext* ctx, int64_t kernel_size, int64_t dilation, bool normalize,
-                 double eps) {
-  ctx->saved_data["kernel_size"] = kernel_size;
-  ctx->saved_data["dilation"] = dilation;
-  ctx->saved_data["normalize"] = normalize;
-  ctx->saved_data["eps"] = eps;
+void save_window(AutogradContext* ctx, const Window& w) {
+  ctx->saved_data["kernel_size"] = w.kernel_size;
+  ctx->saved_data["dilation"] = w.dilation;
+  ctx->saved_data["normalize"] = w.normalize;
+  ctx->saved_data["eps"] = w.eps;
 }
-
-struct Window {
-  int64_t kernel_size, dilation;
-  bool normalize;
-  double eps;
-};
 
 Window saved_window(AutogradContext* ctx) {
   return {ctx->saved_data["kernel_size"].toInt(), ctx->saved_data["dilation"].toInt(),
@@ -102,7 +97,7 @@ class LocalCorrelation : public torch::autograd::Function<LocalCorrelation> {
                             int64_t kernel_size, int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out = local_forward_op().call(a, b, kernel_size, dilation, normalize, eps);
-    save_window(ctx, kernel_size, dilation, normalize, eps);
+    save_window(ctx, {kernel_size, dilation, normalize, eps});
     ctx->save_for_backward({a, b, out});
     return out;
   }
@@ -124,7 +119,7 @@ class SelfCorrelation : public torch::autograd::Function<SelfCorrelation> {
                             int64_t dilation, bool normalize, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out = self_forward_op().call(x, kernel_size, dilation, normalize, eps);
-    save_window(ctx, kernel_size, dilation, normalize, eps);
+    save_window(ctx, {kernel_size, dilation, normalize, eps});
     ctx->save_for_backward({x, out});
     return out;
   }
@@ -147,7 +142,7 @@ class TemporalCorrelation : public torch::autograd::Function<TemporalCorrelation
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor out =
         temporal_forward_op().call(v, kernel_size, dilation, normalize, eps, frame_stride);
-    save_window(ctx, kernel_size, dilation, normalize, eps);
+    save_window(ctx, {kernel_size, dilation, normalize, eps});
     ctx->saved_data["frame_stride"] = frame_stride;
     ctx->save_for_backward({v, out});
     return out;
@@ -194,7 +189,7 @@ at::Tensor temporal_correlation(const at::Tensor& v, int64_t kernel_size, int64_
   return TemporalCorrelation::apply(v, kernel_size, dilation, normalize, eps, frame_stride);
 }
 
-std::tuple<at::Tensor, at::Tensor> local_correlation_backward(
+std::tuple<at::Tensor, at::Tensor> _local_correlation_backward(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
     int64_t kernel_size, int64_t dilation, bool normalize, double eps, bool need_grad_a,
     bool need_grad_b) {
@@ -208,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor> local_correlation_backward(
   return grads;
 }
 
-at::Tensor self_correlation_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                     const at::Tensor& out, int64_t kernel_size, int64_t dilation,
-                                     bool normalize, double eps) {
+at::Tensor _self_correlation_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const at::Tensor& out, int64_t kernel_size,
+                                      int64_t dilation, bool normalize, double eps) {
   at::Tensor grad_x;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -220,10 +215,10 @@ at::Tensor self_correlation_backward(const at::Tensor& grad_out, const at::Tenso
   return grad_x;
 }
 
-at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::Tensor& v,
-                                         const at::Tensor& out, int64_t kernel_size,
-                                         int64_t dilation, bool normalize, double eps,
-                                         int64_t frame_stride) {
+at::Tensor _temporal_correlation_backward(const at::Tensor& grad_out, const at::Tensor& v,
+                                          const at::Tensor& out, int64_t kernel_size,
+                                          int64_t dilation, bool normalize, double eps,
+                                          int64_t frame_stride) {
   at::Tensor grad_v;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -236,13 +231,6 @@ at::Tensor temporal_correlation_backward(const at::Tensor& grad_out, const at::T
 
 }  // namespace
 
-STCCL_TORCH_LIBRARY_IMPL(Autograd, m) {
-  m.impl("local_correlation", &local_correlation);
-  m.impl("self_correlation", &self_correlation);
-  m.impl("temporal_correlation", &temporal_correlation);
-  m.impl("_local_correlation_backward", &local_correlation_backward);
-  m.impl("_self_correlation_backward", &self_correlation_backward);
-  m.impl("_temporal_correlation_backward", &temporal_correlation_backward);
-}
+STCCL_TORCH_LIBRARY_IMPL(Autograd, m) { STCCL_FOR_EACH_OP(STCCL_IMPL_OP) }
 
 }  // namespace stccl

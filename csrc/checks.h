@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include "index_math.h"
+#include "window.h"
 
 namespace stccl {
 
@@ -31,13 +32,13 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* o
               " must be on the device of ", ref_name, " (", ref.device(), "), got ", t.device());
 }
 
-inline void check_window(int64_t kernel_size, int64_t dilation, double eps, const char* op) {
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "stccl_ops.", op,
-              ": kernel_size must be a positive odd integer, got ", kernel_size);
-  TORCH_CHECK(kernel_size <= MAX_KERNEL_SIZE, "stccl_ops.", op, ": kernel_size must be <= ",
-              MAX_KERNEL_SIZE, ", got ", kernel_size);
-  TORCH_CHECK(dilation >= 1, "stccl_ops.", op, ": dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(eps > 0, "stccl_ops.", op, ": eps must be > 0, got ", eps);
+inline void check_window(const Window& w, const char* op) {
+  TORCH_CHECK(w.kernel_size >= 1 && w.kernel_size % 2 == 1, "stccl_ops.", op,
+              ": kernel_size must be a positive odd integer, got ", w.kernel_size);
+  TORCH_CHECK(w.kernel_size <= MAX_KERNEL_SIZE, "stccl_ops.", op, ": kernel_size must be <= ",
+              MAX_KERNEL_SIZE, ", got ", w.kernel_size);
+  TORCH_CHECK(w.dilation >= 1, "stccl_ops.", op, ": dilation must be >= 1, got ", w.dilation);
+  TORCH_CHECK(w.eps > 0, "stccl_ops.", op, ": eps must be > 0, got ", w.eps);
 }
 
 // The output of a correlation of `t`: (..., K*K, H, W).

@@ -1,5 +1,5 @@
 // The Python module stccl_ops._C: importing it registers the ops of
-// csrc/ops.cpp with their CPU (and CUDA) kernels; its functions say how it
+// csrc/ops.h with their CPU (and CUDA) kernels; its functions say how it
 // was built.
 #include <torch/extension.h>
 

@@ -6,9 +6,9 @@ autograd.Function drop-ins, the nn.Modules, ``available_backends()`` and
 ``build_info()``. ``stccl_ops.reference`` holds the pure-PyTorch specification.
 """
 
-from . import reference
+from . import _registrations, reference  # noqa: F401 (registers fake kernels and autocast)
 from ._backends import available_backends
-from ._ops import build_info
+from ._extension import build_info
 from .autograd import LocalCorrelationFunction, SelfCorrelationFunction
 from .functional import (
     SpatioTemporal,

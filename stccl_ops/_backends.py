@@ -8,10 +8,11 @@ the forward ops, the autograd.Function drop-ins call all four.
 
 import os
 import warnings
+from typing import Union
 
 import torch
 
-from . import _ops, reference
+from . import _extension, reference
 
 NAMES = ("reference", "cpp", "cuda", "triton", "cuda_emulated")
 
@@ -59,7 +60,7 @@ class ReferenceBackend(Backend):
 class ExtensionBackend(Backend):
     """The C++ (CPU) and CUDA kernels: torch.ops.stccl_ops.*, dispatched by device."""
 
-    namespace = _ops.NAMESPACE
+    namespace = _extension.NAMESPACE
 
     def __init__(self, name, device_type):
         self.name, self.devices = name, (device_type,)
@@ -69,8 +70,8 @@ class ExtensionBackend(Backend):
         return getattr(torch.ops, self.namespace)
 
     def require(self, fn, device):
-        _ops.require_extension(self.name)
-        if self.name == "cuda" and not _ops.build_info()["cuda"]:
+        _extension.require_extension(self.name)
+        if self.name == "cuda" and not _extension.build_info()["cuda"]:
             raise ImportError(
                 "stccl_ops: backend 'cuda' is not built: this stccl_ops._C was compiled without "
                 "CUDA. Rebuild with a CUDA toolkit and a CUDA build of torch "
@@ -78,9 +79,9 @@ class ExtensionBackend(Backend):
         super().require(fn, device)
 
     def unavailable(self, device):
-        if _ops._C is None:
+        if _extension._C is None:
             return "the extension stccl_ops._C is not built"
-        if self.name == "cuda" and not _ops.build_info()["cuda"]:
+        if self.name == "cuda" and not _extension.build_info()["cuda"]:
             return "stccl_ops._C was built without CUDA"
         if self.name == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is visible"
@@ -101,13 +102,13 @@ class CudaEmulatedBackend(ExtensionBackend):
     emulator (torch.ops.stccl_ops_cuda_emulated.*): for tests, sanitizers and
     debugging without a GPU. Slow; `auto` never picks it."""
 
-    namespace = _ops.EMULATED_NAMESPACE
+    namespace = _extension.EMULATED_NAMESPACE
 
     def __init__(self):
         super().__init__("cuda_emulated", "cpu")
 
     def require(self, fn, device):
-        if _ops._C_cuda_emulated is None:
+        if _extension._C_cuda_emulated is None:
             raise ImportError(
                 "stccl_ops: backend 'cuda_emulated' is not built: install with "
                 "STCCL_CUDA_EMULATION=1 (pip install --no-build-isolation .), which needs the "
@@ -115,8 +116,8 @@ class CudaEmulatedBackend(ExtensionBackend):
         Backend.require(self, fn, device)
 
     def unavailable(self, device):
-        if _ops._C_cuda_emulated is None:
-            return "stccl_ops._C_cuda_emulated is not built (STCCL_CUDA_EMULATION=1)"
+        if _extension._C_cuda_emulated is None:
+            return "stccl_extension._C_cuda_emulated is not built (STCCL_CUDA_EMULATION=1)"
         return Backend.unavailable(self, device)
 
 
@@ -214,7 +215,7 @@ def resolve(fn, backend, device, compiled_only=False):
     return chosen
 
 
-def available_backends(device="cpu"):
+def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     """Names of the backends usable for tensors on `device`."""
     device = torch.device(device)
     return [name for name, b in BACKENDS.items() if b.unavailable(device) is None]

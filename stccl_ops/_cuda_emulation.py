@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # setup.py builds stccl_ops._C_cuda_emulated from these sources too.
-SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/local_correlation_ops.cpp",
+SOURCES = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/correlation_ops.cpp",
            "csrc/cuda/emulation/emulator.cpp", "csrc/cuda/emulation/kernels.cpp",
            "csrc/cuda/emulation/memory_traffic.cpp", "csrc/cuda/emulation/module.cpp"]
 KERNELS = "csrc/cuda/emulation/kernels.cpp"

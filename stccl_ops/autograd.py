@@ -1,15 +1,84 @@
-"""torch.autograd.Function drop-ins over the compiled kernels.
+"""Autograd in Python, in one place: the torch.autograd.Function drop-ins over
+the compiled kernels and the autograd of the Triton ops, sharing one backward
+formula (the backend's backward op). The C++/CUDA ops carry their own autograd
+in C++ (csrc/autograd.cpp), which costs no interpreter time per call.
 
-They call the same forward and backward ops as the registered torch.library
-ops (one backward formula per backend), for code that wants an explicit
-Function. ``backend`` names a compiled backend ('cpp', 'cuda', 'triton') or
-None for the fastest one available for the inputs' device.
+The Functions call the same forward and backward ops as the registered
+torch.library ops (one backward formula per backend), for code that wants an
+explicit Function. ``backend`` names a compiled backend ('cpp', 'cuda',
+'triton', 'cuda_emulated') or None for the fastest one available for the
+inputs' device.
 """
+
+from typing import Any, Callable, Optional
 
 import torch
 
-from . import _backends, _ops
+from . import _backends
 from ._checks import check_pair, check_tensor, check_window
+
+DOUBLE_BACKWARD_ERROR = (
+    "stccl_ops: double backward (the gradient of a correlation's gradient) is not supported "
+    "by the compiled backends; use backend='reference' for it")
+
+Window = tuple  # (kernel_size, dilation, normalize, eps)
+
+
+def _save_local(ctx: Any, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, window: Window,
+                backward_op: Callable, num_inputs: int) -> None:
+    ctx.window, ctx.backward_op, ctx.num_inputs = window, backward_op, num_inputs
+    if any(ctx.needs_input_grad[:2]):
+        # Either gradient needs both operands (their norms and each other).
+        ctx.save_for_backward(a, b, out)
+
+
+def _save_self(ctx: Any, x: torch.Tensor, out: torch.Tensor, window: Window,
+               backward_op: Callable, num_inputs: int) -> None:
+    ctx.window, ctx.backward_op, ctx.num_inputs = window, backward_op, num_inputs
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(x, out)
+
+
+def _local_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    a, b, out = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_a, grad_b = ctx.backward_op(grad_out, a, b, out, *ctx.window, need_a, need_b)
+    return (grad_a if need_a else None, grad_b if need_b else None) + (None,) * (ctx.num_inputs - 2)
+
+
+def _self_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    x, out = ctx.saved_tensors
+    grad_x = ctx.backward_op(grad_out, x, out, *ctx.window)
+    return (grad_x,) + (None,) * (ctx.num_inputs - 1)
+
+
+def _no_double_backward(ctx: Any, *grads: torch.Tensor):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def register_op_autograd(namespace: str, local: str, local_backward: str, self_: str,
+                         self_backward: str) -> None:
+    """Autograd of a Python-registered op family in `namespace` (the Triton
+    ops): the forward ops differentiate through their backward ops, which
+    refuse double backward."""
+    ops = getattr(torch.ops, namespace)
+    local_backward_op, self_backward_op = getattr(ops, local_backward), getattr(ops, self_backward)
+
+    def setup_local(ctx, inputs, output):
+        a, b, *window = inputs
+        _save_local(ctx, a, b, output, tuple(window), local_backward_op, len(inputs))
+
+    def setup_self(ctx, inputs, output):
+        x, *window = inputs
+        _save_self(ctx, x, output, tuple(window), self_backward_op, len(inputs))
+
+    torch.library.register_autograd(f"{namespace}::{local}", _local_backward,
+                                    setup_context=setup_local)
+    torch.library.register_autograd(f"{namespace}::{self_}", _self_backward,
+                                    setup_context=setup_self)
+    for name in (local_backward, self_backward):
+        torch.library.register_autograd(f"{namespace}::{name}", _no_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
 
 
 class LocalCorrelationFunction(torch.autograd.Function):
@@ -17,7 +86,9 @@ class LocalCorrelationFunction(torch.autograd.Function):
     a, b (N, C, H, W) -> (N, K*K, H, W), as ``stccl_ops.local_correlation``."""
 
     @staticmethod
-    def forward(ctx, a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, kernel_size: int = 3,
+                dilation: int = 1, normalize: bool = True, eps: float = 1e-8,
+                backend: Optional[str] = None) -> torch.Tensor:
         fn = "LocalCorrelationFunction"
         check_tensor(fn, "a", a, (4, 5))
         check_tensor(fn, "b", b, (4, 5))
@@ -26,10 +97,10 @@ class LocalCorrelationFunction(torch.autograd.Function):
         impl = _backends.resolve(fn, backend, a.device, compiled_only=True)
         window = (kernel_size, dilation, normalize, float(eps))
         out = impl.forward_op(a, b, *window)
-        _ops.save_local(ctx, a, b, out, window, impl.backward_op, num_inputs=7)
+        _save_local(ctx, a, b, out, window, impl.backward_op, num_inputs=7)
         return out
 
-    backward = staticmethod(_ops.local_backward)
+    backward = staticmethod(_local_backward)
 
 
 class SelfCorrelationFunction(torch.autograd.Function):
@@ -37,14 +108,16 @@ class SelfCorrelationFunction(torch.autograd.Function):
     the symmetric self-correlation, as ``stccl_ops.spatial_correlation``."""
 
     @staticmethod
-    def forward(ctx, x, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+    def forward(ctx: Any, x: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                normalize: bool = True, eps: float = 1e-8,
+                backend: Optional[str] = None) -> torch.Tensor:
         fn = "SelfCorrelationFunction"
         check_tensor(fn, "x", x, (4, 5))
         check_window(fn, kernel_size, dilation, normalize, eps)
         impl = _backends.resolve(fn, backend, x.device, compiled_only=True)
         window = (kernel_size, dilation, normalize, float(eps))
         out = impl.self_forward_op(x, *window)
-        _ops.save_self(ctx, x, out, window, impl.self_backward_op, num_inputs=6)
+        _save_self(ctx, x, out, window, impl.self_backward_op, num_inputs=6)
         return out
 
-    backward = staticmethod(_ops.self_backward)
+    backward = staticmethod(_self_backward)

@@ -1,25 +1,19 @@
 """The public correlation functions. Each checks its arguments, applies the
-autocast policy and hands the work to the chosen backend."""
+autocast policy (stccl_ops._registrations) and hands the work to the chosen
+backend."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import _backends
 from ._checks import check_frame_stride, check_pair, check_tensor, check_window
+from ._registrations import autocast_float32
 
 
-def _autocast_float32(*tensors):
-    """Autocast policy: like F.cosine_similarity, a correlation runs in float32
-    when autocast is on for the inputs' device (inputs of mixed half/float
-    dtypes are fine then); outside autocast the inputs' own dtype is kept."""
-    device_type = tensors[0].device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return tuple(t.float() for t in tensors)
-    return tensors
-
-
-def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+def local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                      normalize: bool = True, eps: float = 1e-8,
+                      backend: Optional[str] = None) -> torch.Tensor:
     """Correlation of every pixel of ``a`` with the K x K neighbourhood of the
     same pixel in ``b``.
 
@@ -41,13 +35,15 @@ def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8,
     check_tensor(fn, "a", a, (4,))
     check_tensor(fn, "b", b, (4,))
     check_window(fn, kernel_size, dilation, normalize, eps)
-    a, b = _autocast_float32(a, b)
+    a, b = autocast_float32(a, b)
     check_pair(fn, a, b)
     impl = _backends.resolve(fn, backend, a.device)
     return impl.local(a, b, kernel_size, dilation, normalize, float(eps))
 
 
-def spatial_correlation(x, kernel_size=3, dilation=1, normalize=True, eps=1e-8, backend=None):
+def spatial_correlation(x: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                        normalize: bool = True, eps: float = 1e-8,
+                        backend: Optional[str] = None) -> torch.Tensor:
     """Self-correlation ``local_correlation(x, x)`` of a map or of every frame of a clip.
 
     x: (N, C, H, W) -> (N, K*K, H, W), or (B, T, C, H, W) -> (B, T, K*K, H, W).
@@ -57,13 +53,14 @@ def spatial_correlation(x, kernel_size=3, dilation=1, normalize=True, eps=1e-8, 
     fn = "spatial_correlation"
     check_tensor(fn, "x", x, (4, 5))
     check_window(fn, kernel_size, dilation, normalize, eps)
-    (x,) = _autocast_float32(x)
+    (x,) = autocast_float32(x)
     impl = _backends.resolve(fn, backend, x.device)
     return impl.self_correlation(x, kernel_size, dilation, normalize, float(eps))
 
 
-def temporal_correlation(v, kernel_size=1, dilation=1, normalize=True, eps=1e-8, frame_stride=1,
-                         backend=None):
+def temporal_correlation(v: torch.Tensor, kernel_size: int = 1, dilation: int = 1,
+                         normalize: bool = True, eps: float = 1e-8, frame_stride: int = 1,
+                         backend: Optional[str] = None) -> torch.Tensor:
     """Correlation of frame t with the K x K neighbourhood in frame t + frame_stride.
 
     v: (B, T, C, H, W) -> (B, T - frame_stride, K*K, H, W). The frames are
@@ -73,7 +70,7 @@ def temporal_correlation(v, kernel_size=1, dilation=1, normalize=True, eps=1e-8,
     check_tensor(fn, "v", v, (5,))
     check_window(fn, kernel_size, dilation, normalize, eps)
     check_frame_stride(fn, frame_stride, v.shape[1])
-    (v,) = _autocast_float32(v)
+    (v,) = autocast_float32(v)
     impl = _backends.resolve(fn, backend, v.device)
     return impl.temporal(v, kernel_size, dilation, normalize, float(eps), frame_stride)
 
@@ -83,9 +80,10 @@ class SpatioTemporal(NamedTuple):
     temporal: torch.Tensor  # (B, T - frame_stride, Kt*Kt, H, W)
 
 
-def spatiotemporal_correlation(v, kernel_size=3, dilation=1, temporal_kernel_size=1,
-                               temporal_dilation=1, frame_stride=1, normalize=True, eps=1e-8,
-                               backend=None):
+def spatiotemporal_correlation(v: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                               temporal_kernel_size: int = 1, temporal_dilation: int = 1,
+                               frame_stride: int = 1, normalize: bool = True, eps: float = 1e-8,
+                               backend: Optional[str] = None) -> SpatioTemporal:
     """Both STCCL volumes of a clip v (B, T, C, H, W): the spatial
     self-correlation of every frame and the temporal correlation of frame t
     with frame t + frame_stride. Returns ``SpatioTemporal(spatial, temporal)``.
@@ -95,7 +93,7 @@ def spatiotemporal_correlation(v, kernel_size=3, dilation=1, temporal_kernel_siz
     check_window(fn, kernel_size, dilation, normalize, eps)
     check_window(fn, temporal_kernel_size, temporal_dilation, normalize, eps, prefix="temporal_")
     check_frame_stride(fn, frame_stride, v.shape[1])
-    (v,) = _autocast_float32(v)
+    (v,) = autocast_float32(v)
     impl = _backends.resolve(fn, backend, v.device)
     spatial = impl.self_correlation(v, kernel_size, dilation, normalize, float(eps))
     temporal = impl.temporal(v, temporal_kernel_size, temporal_dilation, normalize, float(eps),

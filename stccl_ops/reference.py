@@ -15,13 +15,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def offset(k: int, kernel_size: int, dilation: int) -> tuple:
+def offset(k: int, kernel_size: int, dilation: int) -> tuple[int, int]:
     """(dy, dx) of output channel k: row-major over the window, like F.unfold."""
     r = kernel_size // 2
     return (k // kernel_size - r) * dilation, (k % kernel_size - r) * dilation
 
 
-def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8):
+def local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                      normalize: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Reference ``local_correlation``; see ``stccl_ops.local_correlation``.
 
     a, b: (N, C, H, W) or (B, T, C, H, W), same shape and dtype.
@@ -50,12 +51,15 @@ def local_correlation(a, b, kernel_size=3, dilation=1, normalize=True, eps=1e-8)
     return out.reshape(*lead, K * K, H, W).to(a.dtype)
 
 
-def spatial_correlation(x, kernel_size=3, dilation=1, normalize=True, eps=1e-8):
+def spatial_correlation(x: torch.Tensor, kernel_size: int = 3, dilation: int = 1,
+                        normalize: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Reference self-correlation of a map (N, C, H, W) or clip (B, T, C, H, W)."""
     return local_correlation(x, x, kernel_size, dilation, normalize, eps)
 
 
-def temporal_correlation(v, kernel_size=1, dilation=1, normalize=True, eps=1e-8, frame_stride=1):
+def temporal_correlation(v: torch.Tensor, kernel_size: int = 1, dilation: int = 1,
+                         normalize: bool = True, eps: float = 1e-8,
+                         frame_stride: int = 1) -> torch.Tensor:
     """Reference cross-frame correlation of a clip (B, T, C, H, W):
     frame t against frame t + frame_stride -> (B, T - frame_stride, K*K, H, W)."""
     return local_correlation(v[:, :-frame_stride], v[:, frame_stride:], kernel_size, dilation,

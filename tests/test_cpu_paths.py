@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stccl_ops
-from stccl_ops import _ops, reference
+from stccl_ops import _extension, reference
 
 from helpers import assert_close, grads, leaf, needs_extension
 
@@ -14,9 +14,9 @@ pytestmark = needs_extension
 @pytest.fixture
 def cpu_path(request):
     """The CPU SIMD build to run ("generic" unless parametrized indirectly)."""
-    _ops._C._set_cpu_isa(getattr(request, "param", "generic"))
+    _extension._C._set_cpu_isa(getattr(request, "param", "generic"))
     yield
-    _ops._C._set_cpu_isa("auto")
+    _extension._C._set_cpu_isa("auto")
 
 
 def test_build_info_reports_the_build():
@@ -50,7 +50,7 @@ def test_portable_path_matches_reference(cpu_path, dtype, K, dilation):
 
 def test_unknown_cpu_path_is_an_error():
     with pytest.raises(RuntimeError, match="unknown CPU path"):
-        _ops._C._set_cpu_isa("sse9")
+        _extension._C._set_cpu_isa("sse9")
 
 
 def test_offsets_beyond_32_bits():

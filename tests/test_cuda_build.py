@@ -31,13 +31,13 @@ def test_cuda_part_is_built_where_required():
 
 
 pytestmark = pytest.mark.skipif(not BUILT_WITH_CUDA and not REQUIRED,
-                                reason="stccl_ops._C was built without CUDA")
+                                reason="stccl_extension._C was built without CUDA")
 
 
 def extension_path():
-    from stccl_ops import _ops
+    from stccl_ops import _extension
 
-    return _ops._C.__file__
+    return _extension._C.__file__
 
 
 def cuobjdump():

@@ -1,5 +1,5 @@
 """The CUDA kernels executed on the CPU (backend `cuda_emulated`): every kernel
-and every branch of csrc/cuda/local_correlation.cu against the reference.
+and every branch of csrc/cuda/forward.cu and backward.cu against the reference.
 
 test_correctness.py runs its shared grid on this backend too; the cases here
 aim at the CUDA code's own branches, which the shared grid's small maps do not
@@ -105,7 +105,7 @@ def test_unstaged_kernels_for_halos_beyond_shared_memory(dtype, op):
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "raw"])
 def test_image_and_grid_stride_loops_past_the_grid(normalize):
-    module = stccl_ops._ops._C_cuda_emulated
+    module = stccl_ops._extension._C_cuda_emulated
     module.set_grid_limits(flat_x=1, z=2)
     try:
         check_local((5, 4, 6, 40), 3, 2, torch.float32, normalize, seed=5)

@@ -105,6 +105,46 @@ def test_interpreted_function_drop_in_and_determinism():
     assert all(torch.equal(p, q) for p, q in zip(first[1], second[1]))
 
 
+@INTERPRETED
+@pytest.mark.parametrize("call,error,pattern", [
+    (lambda o: o.triton_local_correlation(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 5), 3,
+                                          1, True, 1e-8),
+     ValueError, r"triton_local_correlation: a and b must have the same shape"),
+    (lambda o: o.triton_local_correlation(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), 4,
+                                          1, True, 1e-8),
+     ValueError, r"triton_local_correlation: kernel_size must be a positive odd integer"),
+    (lambda o: o.triton_self_correlation(torch.randn(1, 2, 4, 4).long(), 3, 1, True, 1e-8),
+     TypeError, r"triton_self_correlation: x must have dtype"),
+    (lambda o: o.triton_self_correlation(torch.randn(1, 2, 4, 4), 3, 1, True, 0.0),
+     ValueError, r"triton_self_correlation: eps must be a finite number > 0"),
+    (lambda o: o.triton_self_correlation_backward(torch.randn(1, 4, 4, 4), torch.randn(1, 2, 4, 4),
+                                                  torch.randn(1, 9, 4, 4), 3, 1, True, 1e-8),
+     ValueError, r"triton_self_correlation_backward: grad_out must be \(1, 9, 4, 4\)"),
+])
+def test_triton_ops_check_their_arguments(call, error, pattern):
+    """Direct callers of torch.ops get the checks of the C++ entry points."""
+    with pytest.raises(error, match=pattern):
+        call(torch.ops.stccl_ops)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_ops_on_cpu_tensors_outside_the_interpreter_are_a_clear_error():
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch, stccl_ops\n"
+        "x = torch.randn(1, 2, 4, 4)\n"
+        "try:\n"
+        "    torch.ops.stccl_ops.triton_self_correlation(x, 3, 1, True, 1e-8)\n"
+        "except ValueError as e:\n"
+        "    assert 'triton_self_correlation' in str(e) and 'got x on cpu' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ValueError')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
 AOT_SCRIPT = r"""
 import json, os, re, subprocess, sys, glob
 os.environ.pop("TRITON_INTERPRET", None)

@@ -1,6 +1,6 @@
-// The interface between the torch-facing CUDA entry points (local_correlation_ops.cpp)
-// and the kernels (local_correlation.cu): raw pointers, sizes, strides and a
-// stream, no torch types, so the .cu file compiles without torch headers.
+// The interface between the torch-facing CUDA entry points (correlation_ops.cpp)
+// and the kernels (forward.cu, backward.cu): raw pointers, sizes, strides and a
+// stream, no torch types, so the .cu files compile without torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../index_math.h"
+#include "../window.h"
 
 namespace stccl::cuda {
 
@@ -16,9 +17,7 @@ enum class DType { Float16, BFloat16, Float32, Float64 };
 struct Problem {
   DType dtype;
   int64_t N, C, H, W;  // N: images (a clip's B * T)
-  int64_t kernel_size, dilation;
-  bool normalize;
-  double eps;
+  Window window;
 };
 
 // out (contiguous (N, K*K, H, W)) = correlation of a with b; a == b with

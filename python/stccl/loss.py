@@ -3,6 +3,7 @@ generated clip features must agree, with correlation-aware adaptive weighting.
 Built on the public API of stccl_ops only."""
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +12,14 @@ from torch import nn
 import stccl_ops
 
 CRITERIA = ("l1", "nce")
+# A feature clip (B, T, C, H, W), a list of them (one per layer), or the clips
+# themselves when the loss has a feature_extractor.
+Clips = Union[torch.Tensor, Sequence[torch.Tensor]]
 WEIGHTINGS = ("adaptive", "none")
 
 
-def adaptive_weights(source_corr, temperature=0.5, threshold=0.8, scale=2.0):
+def adaptive_weights(source_corr: torch.Tensor, temperature: float = 0.5, threshold: float = 0.8,
+                     scale: float = 2.0) -> torch.Tensor:
     """Correlation-aware adaptive weights from the (detached) source volume.
 
     Disparity ``1 - S`` is squashed to ``t = sigmoid((1 - S) / temperature)``;
@@ -34,10 +39,10 @@ class STCCLResult:
     total: torch.Tensor
     spatial: torch.Tensor
     temporal: torch.Tensor
-    per_layer: list = field(default_factory=list)  # [{"spatial": t, "temporal": t}, ...]
-    mean_weight: torch.Tensor = None
+    per_layer: list[dict[str, torch.Tensor]] = field(default_factory=list)  # [{"spatial": t, "temporal": t}, ...]
+    mean_weight: Optional[torch.Tensor] = None
 
-    def log(self):
+    def log(self) -> dict[str, float]:
         """Plain floats for a progress bar or a log file."""
         out = {"stccl": self.total.item(), "spatial": self.spatial.item(),
                "temporal": self.temporal.item()}
@@ -75,11 +80,13 @@ class STCCLLoss(nn.Module):
         backend: passed to stccl_ops.
     """
 
-    def __init__(self, kernel_size=3, dilation=1, temporal_kernel_size=3, temporal_dilation=1,
-                 frame_stride=1, criterion="l1", weighting="adaptive", num_samples=256, tau=0.07,
-                 temperature=0.5, threshold=0.8, scale=2.0, layer_weights=None,
-                 spatial_weight=1.0, temporal_weight=1.0, feature_extractor=None,
-                 detach_source=True, backend=None):
+    def __init__(self, kernel_size: int = 3, dilation: int = 1, temporal_kernel_size: int = 3,
+                 temporal_dilation: int = 1, frame_stride: int = 1, criterion: str = "l1",
+                 weighting: str = "adaptive", num_samples: int = 256, tau: float = 0.07,
+                 temperature: float = 0.5, threshold: float = 0.8, scale: float = 2.0,
+                 layer_weights: Optional[Sequence[float]] = None, spatial_weight: float = 1.0,
+                 temporal_weight: float = 1.0, feature_extractor: Optional[Callable] = None,
+                 detach_source: bool = True, backend: Optional[str] = None) -> None:
         super().__init__()
         if criterion not in CRITERIA:
             raise ValueError(f"stccl.STCCLLoss: criterion must be one of {CRITERIA}, got "
@@ -125,12 +132,13 @@ class STCCLLoss(nn.Module):
                              f"{len(src)} layers")
         return src, gen
 
-    def weights(self, source_corr):
+    def weights(self, source_corr: torch.Tensor) -> torch.Tensor:
         if self.weighting == "none":
             return torch.ones_like(source_corr)
         return adaptive_weights(source_corr, self.temperature, self.threshold, self.scale)
 
-    def compare(self, src_corr, gen_corr, generator=None):
+    def compare(self, src_corr: torch.Tensor, gen_corr: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, mean weight) of two volumes (B, T', K*K, H, W)."""
         w = self.weights(src_corr)
         if self.criterion == "l1":
@@ -149,7 +157,8 @@ class STCCLLoss(nn.Module):
         location_w = w.reshape(B * T, KK, H * W)[:, :, where].mean(1).flatten()
         return (location_w * ce).mean(), location_w.mean()
 
-    def forward(self, source, generated, generator=None):
+    def forward(self, source: Clips, generated: Clips,
+                generator: Optional[torch.Generator] = None) -> STCCLResult:
         src_layers, gen_layers = self._features(source, generated)
         layer_weights = self.layer_weights or [1.0] * len(src_layers)
         spatial_total = temporal_total = 0.0

@@ -1,6 +1,8 @@
 """Stage 1: the correlation metric, a feature extractor whose local correlations
 agree between clips with the same speech and different emotions."""
 
+from typing import Callable, Iterable, Optional, Sequence, Union
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ class SmallBackbone(nn.Module):
     """A small CNN returning one feature map per stage: (N, 3, H, W) ->
     [(N, c1, H/2, W/2), (N, c2, H/4, W/4), ...]."""
 
-    def __init__(self, channels=(32, 64), in_channels=3):
+    def __init__(self, channels: Sequence[int] = (32, 64), in_channels: int = 3) -> None:
         super().__init__()
         stages, prev = [], in_channels
         for c in channels:
@@ -21,7 +23,7 @@ class SmallBackbone(nn.Module):
             prev = c
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
         for stage in self.stages:
             x = stage(x)
@@ -37,14 +39,15 @@ class CorrelationMetric(nn.Module):
     input STCCLLoss expects.
     """
 
-    def __init__(self, backbone=None, head_channels=None):
+    def __init__(self, backbone: Optional[nn.Module] = None,
+                 head_channels: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.backbone = backbone if backbone is not None else SmallBackbone()
         self.heads = None
         if head_channels is not None:
             self.heads = nn.ModuleList(nn.LazyConv2d(c, 1) for c in head_channels)
 
-    def forward(self, clip):
+    def forward(self, clip: torch.Tensor) -> list[torch.Tensor]:
         if clip.dim() != 5:
             raise ValueError(f"stccl.CorrelationMetric: clip must be (B, T, C, H, W), got shape "
                              f"{tuple(clip.shape)}")
@@ -57,15 +60,17 @@ class CorrelationMetric(nn.Module):
             features = [head(f) for head, f in zip(self.heads, features)]
         return [f.unflatten(0, (B, T)) for f in features]
 
-    def freeze(self):
+    def freeze(self) -> "CorrelationMetric":
         """Fixed from here on: eval mode, no parameter gradients."""
         self.eval()
         self.requires_grad_(False)
         return self
 
 
-def train_metric(metric, loader, epochs=1, lr=1e-3, device="cpu", loss=None, log=None,
-                 progress=True):
+def train_metric(metric: CorrelationMetric, loader: Iterable, epochs: int = 1, lr: float = 1e-3,
+                 device: Union[str, torch.device] = "cpu", loss: Optional[STCCLLoss] = None,
+                 log: Optional[Callable[[dict], None]] = None,
+                 progress: bool = True) -> tuple[CorrelationMetric, list[float]]:
     """Learns `metric` on clip pairs (clip_a, clip_b) with the same speech and
     different emotions: the NCE form of the STCCL loss between the two
     clips' features, gradients through both sides. Returns the frozen metric

@@ -5,13 +5,16 @@ import csv
 import json
 import os
 
+from typing import Any, Callable, Iterable, Optional
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-def setup_distributed():
+def setup_distributed() -> tuple[int, int, torch.device]:
     """Initialises the process group from torchrun's environment (nccl on GPUs,
     gloo on CPUs); returns (rank, world_size, device). Without torchrun: (0, 1,
     cuda or cpu)."""
@@ -32,7 +35,8 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def make_loader(dataset, batch_size, shuffle=True, seed=0, **kwargs):
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                **kwargs: Any) -> DataLoader:
     """A DataLoader that shards the dataset across processes under DDP."""
     sampler = None
     if _distributed():
@@ -72,9 +76,12 @@ def _loss_value(value):
     return value, {"task": value.item()}
 
 
-def train_spfem(generator, loader, stccl_loss, task_loss, optimizer, epochs=1, stccl_weight=1.0,
-                clip_grad_norm=None, checkpoint=None, resume=True, log_path=None, device=None,
-                progress=True):
+def train_spfem(generator: nn.Module, loader: Iterable, stccl_loss: nn.Module,
+                task_loss: Callable, optimizer: torch.optim.Optimizer, epochs: int = 1,
+                stccl_weight: float = 1.0, clip_grad_norm: Optional[float] = None,
+                checkpoint: Optional[str] = None, resume: bool = True,
+                log_path: Optional[str] = None, device: Optional[torch.device] = None,
+                progress: bool = True) -> list[dict]:
     """The SPFEM training loop.
 
     Args:

@@ -1,30 +1,28 @@
 """The Triton backend: kernels in local_correlation.py, registered as
-torch.library triton ops with the shared autograd formula of stccl_ops._ops.
+torch.library triton ops, with the autograd of stccl_ops.autograd and the
+autocast policy of stccl_ops._registrations.
 
 Usable on CUDA GPUs; under TRITON_INTERPRET=1 also on CPU tensors (the
 interpreter runs the kernels with NumPy: slow, for testing). `auto` never
 picks it on the CPU.
 """
 
-import os
+from typing import Optional
 
 import torch
 
-from .. import _backends, _ops
+from .. import _backends, _registrations, autograd
 from . import local_correlation as kernels
+from .local_correlation import interpreting
 
 OPS = ("triton_local_correlation", "triton_local_correlation_backward",
        "triton_self_correlation", "triton_self_correlation_backward")
 
 
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TritonBackend(_backends.Backend):
     name = "triton"
 
-    def unavailable(self, device):
+    def unavailable(self, device: torch.device) -> Optional[str]:
         if device.type == "cpu" and interpreting():
             return None
         if device.type != "cuda":
@@ -42,29 +40,7 @@ class TritonBackend(_backends.Backend):
         lambda self: torch.ops.stccl_ops.triton_self_correlation_backward)
 
 
-def _register_autograd():
-    ops = torch.ops.stccl_ops
-
-    def setup_local(ctx, inputs, output):
-        a, b, *window = inputs
-        _ops.save_local(ctx, a, b, output, tuple(window), ops.triton_local_correlation_backward,
-                        len(inputs))
-
-    def setup_self(ctx, inputs, output):
-        x, *window = inputs
-        _ops.save_self(ctx, x, output, tuple(window), ops.triton_self_correlation_backward,
-                       len(inputs))
-
-    torch.library.register_autograd("stccl_ops::triton_local_correlation", _ops.local_backward,
-                                    setup_context=setup_local)
-    torch.library.register_autograd("stccl_ops::triton_self_correlation", _ops.self_backward,
-                                    setup_context=setup_self)
-    for name in ("triton_local_correlation_backward", "triton_self_correlation_backward"):
-        torch.library.register_autograd(f"stccl_ops::{name}", _ops._no_double_backward,
-                                        setup_context=lambda ctx, inputs, output: None)
-    for name in ("triton_local_correlation", "triton_self_correlation"):
-        torch.library.register_autocast(f"stccl_ops::{name}", "cuda", torch.float32)
-
-
-_register_autograd()
+autograd.register_op_autograd("stccl_ops", *OPS)
+for _name in ("triton_local_correlation", "triton_self_correlation"):
+    _registrations.register_autocast(f"stccl_ops::{_name}", ("cuda",))
 _backends.register(TritonBackend())

@@ -23,9 +23,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._ops import volume_shape
+from .._checks import check_pair, check_tensor, check_window
+from .._registrations import volume_shape
 
 MODE_A, MODE_B, MODE_SELF = 0, 1, 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 # The deterministic default configuration (used when autotuning is off) first.
 CONFIGS = [
@@ -220,9 +225,36 @@ def inverse_norms(t, eps):
     return inv, passes
 
 
+def _check_device(op, name, t):
+    if t.device.type in ("cuda", "meta") or (t.device.type == "cpu" and interpreting()):
+        return
+    raise ValueError(f"stccl_ops.{op}: the Triton kernels run on cuda tensors (on CPU tensors "
+                     f"only under TRITON_INTERPRET=1), got {name} on {t.device}")
+
+
+def _check_args(op, window, operands, volumes=()):
+    """The checks of the C++ entry points, for callers of torch.ops.stccl_ops.triton_*:
+    operands (name, tensor) of one shape, dtype and device; volumes (name,
+    tensor) of the correlation's shape (..., K*K, H, W)."""
+    (first_name, first), *others = operands
+    for name, t in (*operands, *volumes):
+        check_tensor(op, name, t, (4, 5))
+        _check_device(op, name, t)
+    for name, t in others:
+        check_pair(op, first, t, first_name, name)
+    check_window(op, *window)
+    expected = volume_shape(first.shape, window[0])
+    for name, t in volumes:
+        if tuple(t.shape) != expected or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"stccl_ops.{op}: {name} must be {expected} in {first.dtype} on "
+                             f"{first.device}, got {tuple(t.shape)} in {t.dtype} on {t.device}")
+
+
 @triton_op("stccl_ops::triton_local_correlation", mutates_args=())
 def triton_local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int, dilation: int,
                              normalize: bool, eps: float) -> torch.Tensor:
+    _check_args("triton_local_correlation", (kernel_size, dilation, normalize, eps),
+                [("a", a), ("b", b)])
     out = a.new_empty(volume_shape(a.shape, kernel_size))
     N, C, H, W = dims(a)
     if out.numel() == 0:
@@ -261,6 +293,8 @@ def triton_local_correlation_backward(grad_out: torch.Tensor, a: torch.Tensor, b
                                       out: torch.Tensor, kernel_size: int, dilation: int,
                                       normalize: bool, eps: float, need_grad_a: bool,
                                       need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_args("triton_local_correlation_backward", (kernel_size, dilation, normalize, eps),
+                [("a", a), ("b", b)], [("grad_out", grad_out), ("out", out)])
     norms_a = inverse_norms(a, eps) if normalize else None
     norms_b = inverse_norms(b, eps) if normalize else None
     inv_a = norms_a[0] if normalize else None
@@ -278,6 +312,7 @@ def triton_local_correlation_backward(grad_out: torch.Tensor, a: torch.Tensor, b
 @triton_op("stccl_ops::triton_self_correlation", mutates_args=())
 def triton_self_correlation(x: torch.Tensor, kernel_size: int, dilation: int, normalize: bool,
                             eps: float) -> torch.Tensor:
+    _check_args("triton_self_correlation", (kernel_size, dilation, normalize, eps), [("x", x)])
     return triton_local_correlation(x, x, kernel_size, dilation, normalize, eps)
 
 
@@ -285,6 +320,8 @@ def triton_self_correlation(x: torch.Tensor, kernel_size: int, dilation: int, no
 def triton_self_correlation_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
                                      kernel_size: int, dilation: int, normalize: bool,
                                      eps: float) -> torch.Tensor:
+    _check_args("triton_self_correlation_backward", (kernel_size, dilation, normalize, eps),
+                [("x", x)], [("grad_out", grad_out), ("out", out)])
     norms = inverse_norms(x, eps) if normalize else None
     return _gradient(grad_out, out, x, x, norms, norms[0] if normalize else None, MODE_SELF,
                      kernel_size, dilation, normalize)

@@ -1,4 +1,5 @@
-// The CUDA kernels, compiled as host C++ under the emulator: the very source
+// The CUDA kernels, compiled as host C++ under the emulator: the very sources
 // nvcc builds, included, not copied. A new .cu file of csrc/cuda/ gets one
 // line here.
-#include "../local_correlation.cu"
+#include "../backward.cu"
+#include "../forward.cu"

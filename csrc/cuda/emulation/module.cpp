@@ -1,5 +1,5 @@
 // The Python module stccl_ops._C_cuda_emulated: importing it registers the
-// ops of csrc/ops.cpp in the namespace stccl_ops_cuda_emulated, with the CUDA
+// ops of csrc/ops.h in the namespace stccl_ops_cuda_emulated, with the CUDA
 // entry points and kernels running on CPU tensors under the emulator. Its
 // functions set the emulator's grid caps and read the memory accounting.
 #include <torch/extension.h>

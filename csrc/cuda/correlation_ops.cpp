@@ -1,6 +1,5 @@
-// CUDA entry points of the ops declared in csrc/ops.cpp: argument checks, the
-// device guard, the current stream, allocation, and the launchers of
-// local_correlation.cu. Copy policy as on the CPU: operands are read in place
+// CUDA entry points of the ops of csrc/ops.h: the device guard, the current
+// stream, allocation, and the launchers of forward.cu and backward.cu. Copy policy as on the CPU: operands are read in place
 // with their strides; only outputs, gradients and a workspace are allocated.
 //
 // Built twice: for CUDA tensors in stccl_ops._C, and with STCCL_CUDA_EMULATION
@@ -43,8 +42,7 @@ void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 #define STCCL_DISPATCH_KEY CUDA
 #endif
 
-Problem problem(const at::Tensor& t, int64_t kernel_size, int64_t dilation, bool normalize,
-                double eps) {
+Problem problem(const at::Tensor& t, const Window& w) {
   DType dtype;
   switch (t.scalar_type()) {
     case at::kHalf: dtype = DType::Float16; break;
@@ -54,15 +52,14 @@ Problem problem(const at::Tensor& t, int64_t kernel_size, int64_t dilation, bool
     default: TORCH_CHECK(false, "stccl_ops: unsupported dtype ", t.scalar_type());
   }
   const auto d = dims(t);
-  return {dtype, d[0], d[1], d[2], d[3], kernel_size, dilation, normalize, eps};
+  return {dtype, d[0], d[1], d[2], d[3], w};
 }
 
-at::Tensor forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
-                   int64_t dilation, bool normalize, double eps, bool self) {
+at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bool self) {
   const DeviceGuard guard(a.device());
-  auto out = at::empty(correlation_shape(a, kernel_size), a.options());
+  auto out = at::empty(correlation_shape(a, w.kernel_size), a.options());
   if (out.numel() == 0) return out;
-  const Problem p = problem(a, kernel_size, dilation, normalize, eps);
+  const Problem p = problem(a, w);
   check_launch(launch_forward(p, a.const_data_ptr(), strides4(a), b.const_data_ptr(),
                               strides4(b), self, out.mutable_data_ptr(), current_stream()));
   return out;
@@ -70,19 +67,18 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size
 
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& a,
                                             const at::Tensor& b, const at::Tensor& out,
-                                            int64_t kernel_size, int64_t dilation,
-                                            bool normalize, double eps, bool need_a,
-                                            bool need_b, bool self) {
+                                            const Window& w, bool need_a, bool need_b,
+                                            bool self) {
   const DeviceGuard guard(a.device());
   at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
   if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
-  const Problem p = problem(a, kernel_size, dilation, normalize, eps);
+  const Problem p = problem(a, w);
   const auto stream = current_stream();
   auto workspace = at::empty({backward_workspace_bytes(p)}, a.options().dtype(at::kByte));
   const Strides4 sa = strides4(a), sb = strides4(b), sg = strides4(grad_out),
                  so = strides4(out);
-  if (normalize) {
+  if (w.normalize) {
     check_launch(launch_backward_norms(p, a.const_data_ptr(), sa, b.const_data_ptr(), sb, self,
                                        workspace.mutable_data_ptr(), stream));
   }
@@ -97,20 +93,17 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
 }
 
 // The two frame views correlated like any a and b.
-at::Tensor temporal_forward(const at::Tensor& v, int64_t kernel_size, int64_t dilation,
-                            bool normalize, double eps, int64_t frame_stride) {
+at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_stride) {
   const auto [a, b] = frame_pairs(v, frame_stride);
-  return forward(a, b, kernel_size, dilation, normalize, eps, /*self=*/false);
+  return forward(a, b, w, /*self=*/false);
 }
 
 // The gradients of the two frame views, summed into the clip gradient.
 at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
-                             const at::Tensor& out, int64_t kernel_size, int64_t dilation,
-                             bool normalize, double eps, int64_t frame_stride) {
+                             const at::Tensor& out, const Window& w, int64_t frame_stride) {
   const auto [a, b] = frame_pairs(v, frame_stride);
   const DeviceGuard guard(v.device());
-  auto [grad_a, grad_b] = backward(grad_out, a, b, out, kernel_size, dilation, normalize, eps,
-                                   true, true, /*self=*/false);
+  auto [grad_a, grad_b] = backward(grad_out, a, b, out, w, true, true, /*self=*/false);
   auto grad = at::zeros(v.sizes(), v.options());
   if (grad.numel() == 0) return grad;
   const int64_t T = v.size(1);

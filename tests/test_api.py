@@ -1,5 +1,6 @@
-"""Every bad input is a clear TypeError/ValueError naming function and argument,
-raised before any kernel runs; the C++ ops repeat the essential checks."""
+"""The public API: the nn.Modules, and every bad input a clear
+TypeError/ValueError naming function and argument, raised before any kernel
+runs (the C++ ops repeat the essential checks)."""
 
 import math
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 import stccl_ops
+from stccl_ops import reference
 
-from helpers import needs_extension
+from helpers import assert_close, needs_extension
 
 X = torch.randn(1, 2, 4, 4)
 CLIP = torch.randn(1, 3, 2, 4, 4)
@@ -116,3 +118,17 @@ def test_cpp_backend_rejects_other_devices():
 def test_cpp_op_checks(call, pattern):
     with pytest.raises(RuntimeError, match=pattern):
         call()
+
+
+def test_modules():
+    v = torch.randn(2, 4, 3, 6, 6)
+    st = stccl_ops.SpatioTemporalCorrelation(3, temporal_kernel_size=3, frame_stride=2)(v)
+    assert_close(st.spatial, reference.spatial_correlation(v, 3))
+    assert_close(st.temporal, reference.temporal_correlation(v, 3, frame_stride=2))
+    assert_close(stccl_ops.SpatialCorrelation(5, 2)(v), reference.spatial_correlation(v, 5, 2))
+    assert_close(stccl_ops.TemporalCorrelation(frame_stride=3)(v),
+                 reference.temporal_correlation(v, frame_stride=3))
+    a, b = v[:, 0], v[:, 1]
+    assert_close(stccl_ops.LocalCorrelation(3, normalize=False)(a, b),
+                 reference.local_correlation(a, b, 3, normalize=False))
+    assert "frame_stride=2" in repr(stccl_ops.SpatioTemporalCorrelation(frame_stride=2))

@@ -1,15 +1,12 @@
-"""torch.library integration, autograd drop-ins, modules, autocast, compile,
-backend selection."""
-
-import subprocess
-import sys
-import warnings
+"""torch.library integration: opcheck of every op, the autograd.Function
+drop-ins, autograd of the registered ops, autocast, torch.compile and
+compiled autograd."""
 
 import pytest
 import torch
 
 import stccl_ops
-from stccl_ops import _backends, reference
+from stccl_ops import reference
 
 from helpers import assert_close, grads, leaf, needs_extension, samples
 
@@ -64,20 +61,6 @@ def test_autograd_function_drop_ins_match_the_ops():
         lambda v: stccl_ops.LocalCorrelationFunction.apply(v, b64, 3), (a64,))
     with pytest.raises(ValueError, match="needs a compiled backend"):
         stccl_ops.LocalCorrelationFunction.apply(a, b, 3, 1, True, 1e-8, "reference")
-
-
-def test_modules():
-    v = torch.randn(2, 4, 3, 6, 6)
-    st = stccl_ops.SpatioTemporalCorrelation(3, temporal_kernel_size=3, frame_stride=2)(v)
-    assert_close(st.spatial, reference.spatial_correlation(v, 3))
-    assert_close(st.temporal, reference.temporal_correlation(v, 3, frame_stride=2))
-    assert_close(stccl_ops.SpatialCorrelation(5, 2)(v), reference.spatial_correlation(v, 5, 2))
-    assert_close(stccl_ops.TemporalCorrelation(frame_stride=3)(v),
-                 reference.temporal_correlation(v, frame_stride=3))
-    a, b = v[:, 0], v[:, 1]
-    assert_close(stccl_ops.LocalCorrelation(3, normalize=False)(a, b),
-                 reference.local_correlation(a, b, 3, normalize=False))
-    assert "frame_stride=2" in repr(stccl_ops.SpatioTemporalCorrelation(frame_stride=2))
 
 
 def test_double_backward_is_a_clear_error():
@@ -170,83 +153,3 @@ def test_compiled_autograd_traces_the_backward():
     with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
         loss().backward()
     torch.testing.assert_close(v.grad, eager, rtol=1e-6, atol=1e-7)
-
-
-def test_backend_env_and_auto(monkeypatch):
-    a = torch.randn(1, 2, 3, 3)
-    monkeypatch.setenv("STCCL_BACKEND", "reference")
-    assert _backends.resolve("f", None, a.device).name == "reference"
-    monkeypatch.setenv("STCCL_BACKEND", "auto")
-    assert _backends.resolve("f", None, a.device).name == "cpp"
-    assert _backends.resolve("f", "reference", a.device).name == "reference"
-    monkeypatch.setenv("STCCL_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        stccl_ops.local_correlation(a, a)
-    assert stccl_ops.available_backends("cpu")[:2] == ["reference", "cpp"]
-
-
-def test_explicit_unavailable_backends_are_errors():
-    a = torch.randn(1, 2, 3, 3)
-    if not stccl_ops.build_info()["cuda"]:
-        with pytest.raises(ImportError, match="compiled without CUDA"):
-            stccl_ops.local_correlation(a, a, backend="cuda")
-    elif not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="backend 'cuda' cannot be used: no CUDA GPU"):
-            stccl_ops.local_correlation(a, a, backend="cuda")
-    else:
-        with pytest.raises(ValueError, match="runs on cuda tensors"):
-            stccl_ops.local_correlation(a, a, backend="cuda")
-    if "triton" not in _backends.BACKENDS:
-        with pytest.raises(ImportError, match="triton"):
-            stccl_ops.local_correlation(a, a, backend="triton")
-
-
-def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_backends, "_warned", set())
-    monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", ("cuda", "cpp", "reference"))
-    a = torch.randn(1, 2, 3, 3)
-    with pytest.warns(RuntimeWarning, match="falls back to 'cpp'"):
-        stccl_ops.local_correlation(a, a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        stccl_ops.local_correlation(a, a)
-
-
-def test_imports_without_the_extension():
-    code = (
-        "import sys; sys.modules['stccl_ops._C'] = None\n"
-        "import torch, stccl_ops\n"
-        "backends = stccl_ops.available_backends()\n"
-        "assert 'reference' in backends and 'cpp' not in backends, backends\n"
-        "assert stccl_ops.build_info()['extension'] is False\n"
-        "x = torch.randn(1, 2, 4, 4)\n"
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    out = stccl_ops.spatial_correlation(x)\n"
-        "assert out.shape == (1, 9, 4, 4) and len(w) == 1, w\n"
-        "try:\n"
-        "    stccl_ops.spatial_correlation(x, backend='cpp')\n"
-        "except ImportError as e:\n"
-        "    assert 'pip install --no-build-isolation' in str(e), e\n"
-        "else:\n"
-        "    raise SystemExit('no ImportError')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
-def test_auto_orders_backends_by_measured_speed(monkeypatch):
-    """Where two compiled backends can run, `auto` times them once on the device
-    and prefers the faster (here the interpreted Triton backend against cpp)."""
-    if "triton" not in stccl_ops.available_backends("cpu"):
-        pytest.skip("needs the Triton interpreter on the CPU")
-    monkeypatch.setattr(_backends, "_measured", {})
-    monkeypatch.setattr(_backends, "MEASURED_DEVICES", {"cpu"})
-    monkeypatch.setattr(_backends, "MEASURE_SHAPE", (1, 4, 8, 8))
-    monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", ("triton", "cpp", "reference"))
-    device = torch.device("cpu")
-    assert _backends.resolve("f", None, device).name == "cpp"
-    assert list(_backends._measured.values()) == [["cpp", "triton"]]
-    monkeypatch.setenv("STCCL_AUTO_MEASURE", "0")
-    assert _backends.resolve("f", None, device).name == "triton"

@@ -1,0 +1,247 @@
+// The gathered backward over one band: every gradient element is the sum of
+// its own window's terms in a fixed order (no atomics, no scatter), for a
+// and b, or for x of a self-correlation, from one pass over the bands.
+#pragma once
+
+#include "register_blocks.h"
+
+namespace stccl::cpu {
+
+// Per-thread scratch of the backward pass (rows are the band with its halo).
+template <typename acc_t>
+struct BackwardWorkspace {
+  StagedBands<acc_t> staged;  // a and b (spatial), or the frames t, t + s, t - s
+  Buffer<acc_t> w_a, w_b;                     // [band_rows][K*K][Wv]
+  Buffer<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
+  Buffer<acc_t> dst;                          // [chunk] x dst_cstride
+  Buffer<acc_t> runs;                         // [chunk] x run_cstride
+  Buffer<acc_t> converted;  // one channel's gradient rows of a band, in scalar_t
+  explicit BackwardWorkspace(const Layout<acc_t>& L)
+      : staged(L),
+        w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
+        scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
+        shift_b(scale_a.size()),
+        dst(L.chunk * L.dst_cstride),
+        runs(L.chunk * L.run_cstride),
+        converted(L.band_rows * L.W) {}
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  Operand<scalar_t> grad_out, out;  // (N, K*K, H, W)
+  Operand<scalar_t> a, b;           // b unused for a self-correlation
+  scalar_t* grad_a;                 // contiguous (N, C, H, W), or null when not needed
+  scalar_t* grad_b;                 // (for a self-correlation: null; grad_a is grad_x)
+  bool normalize, self;
+  acc_t eps;
+};
+
+enum class GradMode { A, B, Self };
+
+// The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
+// scale and shift, for one band. With â = a * ra:
+//   grad_a[p] = ra_p sum_k g[p,k] rb_q b_q - pass_p ra_p^2 c_p a_p,
+//               q = p + d_k, c_p = sum_k g[p,k] out[p,k];
+//   grad_b[p] gathers the outputs o = p + d_k whose offset mirror(k) lands on
+//               p, with weights g[o,mirror(k)] ra_o;
+//   self:       G[p,k] = g[p,k] + g[q,mirror(k)] (the two roles of x).
+// So grad[p] = scale_p * sum_k w[k][p] other[p + d_k] - shift_p own_p. The
+// norms are the band's halo arrays of halo_norms.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& args,
+                                          const Layout<acc_t>& L, GradMode mode, int64_t n,
+                                          int64_t y0, int64_t rows, const acc_t* inv_own,
+                                          const acc_t* pass_own, const acc_t* inv_other,
+                                          acc_t* w, acc_t* scale, acc_t* shift) {
+  const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv, WB = L.WB, pad = L.pad;
+  const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
+  std::fill_n(w, rows * KK * Wv, acc_t(0));
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t y = y0 + rr;
+    acc_t* csum = shift + rr * Wv;
+    std::fill_n(csum, Wv, acc_t(0));
+    for (int64_t k = 0; k < KK; ++k) {
+      const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);
+      const int64_t yq = y + dy;
+      if (yq < 0 || yq >= H) continue;
+      const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(W, W - dx);
+      acc_t* wk = w + (rr * KK + k) * Wv;
+      const acc_t* inv_q = inv_other + (rr + pad + dy) * WB + pad + dx;
+      if (mode == GradMode::B) {
+        // The output at o = p + d_k whose offset mirror(k) points back at p.
+        const int64_t km = mirror_offset(k, K);
+        const scalar_t* g = args.grad_out.row(n, km, yq) + dx * gx;
+        const scalar_t* o = args.out.row(n, km, yq) + dx * ox;
+        for (int64_t x = x_lo; x < x_hi; ++x) {
+          const acc_t gv = static_cast<acc_t>(g[x * gx]);
+          wk[x] = gv * inv_q[x];
+          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+        }
+      } else {
+        const scalar_t* g = args.grad_out.row(n, k, y);
+        const scalar_t* o = args.out.row(n, k, y);
+        const scalar_t* g_mirror = mode == GradMode::Self
+                                       ? args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx
+                                       : nullptr;
+        for (int64_t x = x_lo; x < x_hi; ++x) {
+          acc_t gv = static_cast<acc_t>(g[x * gx]);
+          if (g_mirror) gv += static_cast<acc_t>(g_mirror[x * gx]);
+          wk[x] = gv * inv_q[x];
+          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+        }
+      }
+    }
+    const acc_t* inv_p = inv_own + (rr + pad) * WB + pad;
+    const acc_t* pass_p = pass_own + (rr + pad) * WB + pad;
+    for (int64_t x = 0; x < W; ++x) {
+      scale[rr * Wv + x] = inv_p[x];
+      csum[x] *= pass_p[x] * inv_p[x] * inv_p[x];  // 0 in raw mode (pass = 0)
+    }
+  }
+}
+
+// dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;
+// with `final` (positioned at the band's first row), the last term of a
+// gradient: the sums go on through the epilogue into its runs.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
+                                      const acc_t* w, const acc_t* other_stage, acc_t* dst,
+                                      bool accumulate, const GradientEpilogue<acc_t>* final) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, W = L.W, Wv = L.Wv, WB = L.WB;
+  // The epilogue at row rr, x vector xb.
+  auto epilogue_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
+    GradientEpilogue<acc_t> e{};
+    if (final)
+      e = {final->scale + rr * Wv + xb, final->shift + rr * Wv + xb, final->own + rr * WB + xb,
+           final->own_cstride, final->runs + rr * W + xb, final->run_cstride};
+    return e;
+  };
+  if (K <= 3) {
+    STCCL_WITH_DILATION(d, {
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* w_vec = w + rr * KK * Wv + xb;
+          const acc_t* x_vec = other_stage + rr * WB + xb;
+          acc_t* d_vec = dst + rr * Wv + xb;
+          const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
+          auto run = [&](auto kw, auto is_final) STCCL_LAMBDA_INLINE {
+            gather_window<decltype(kw)::value, DIL, decltype(is_final)::value>(
+                w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec, L.dst_cstride,
+                accumulate, e);
+          };
+          using one = std::integral_constant<int, 1>;
+          using three = std::integral_constant<int, 3>;
+          if (K == 3) {
+            if (final) run(three{}, std::true_type{});
+            else run(three{}, std::false_type{});
+          } else {
+            if (final) run(one{}, std::true_type{});
+            else run(one{}, std::false_type{});
+          }
+        }
+      }
+    });
+    return;
+  }
+  if (!accumulate) std::fill_n(dst, count * L.dst_cstride, acc_t(0));
+  STCCL_WITH_DILATION(d, {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
+          const acc_t* x_vec = other_stage + (rr + i * d) * WB + xb;
+          STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
+                        L.stage_cstride, d, count, dst + rr * Wv + xb, L.dst_cstride);
+        }
+      }
+    }
+  });
+  if (!final) return;
+  using vec = typename Simd<acc_t>::vec;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    // Rows in order: a row's last vector runs into the next row's start,
+    // which is written after it.
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t xb = 0; xb < Wv; xb += V) {
+        const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
+        const vec total = load(dst + cc * L.dst_cstride + rr * Wv + xb);
+        store(e.runs + cc * e.run_cstride,
+              load(e.scale) * total - load(e.shift) * load(e.own + cc * e.own_cstride));
+      }
+    }
+  }
+}
+
+// Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
+// converted to scalar_t through one channel's buffer when it is not acc_t.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
+                                        int64_t count, int64_t y0, int64_t rows,
+                                        const acc_t* runs, acc_t* convert_buffer,
+                                        scalar_t* grad) {
+  const int64_t elements = rows * L.W;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    const acc_t* run = runs + cc * L.run_cstride;
+    const void* src = run;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* converted = reinterpret_cast<scalar_t*>(convert_buffer);
+      for (int64_t i = 0; i < elements; ++i) converted[i] = static_cast<scalar_t>(run[i]);
+      src = converted;
+    }
+    stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
+                elements * int64_t(sizeof(scalar_t)));
+  }
+}
+
+// One band of the backward pass: both gradients (or the self-correlation's)
+// from one pass. The band's rows of a and b (with the halo) are read from
+// memory once for the norms and found in cache by the channel loop, which
+// gathers per output pixel: no atomics.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args,
+                                       const Layout<acc_t>& L, int64_t task,
+                                       BackwardWorkspace<acc_t>& ws) {
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const bool two = !args.self;
+  StagedBand<acc_t>& A = ws.staged[0];
+  StagedBand<acc_t>& B = two ? ws.staged[1] : A;
+  acc_t* a_stage = A.stage.data();
+  acc_t* b_stage = B.stage.data();
+  halo_norms(args.a, args.normalize, args.eps, L, n, y0, rows_b, a_stage, A.inv.data(),
+             A.pass.data());
+  if (two)
+    halo_norms(args.b, args.normalize, args.eps, L, n, y0, rows_b, b_stage, B.inv.data(),
+               B.pass.data());
+  if (args.grad_a)
+    gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
+                     A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
+                     ws.shift_a.data());
+  if (args.grad_b)
+    gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
+                     A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
+    const acc_t* b_rows = two ? stage_chunk(args.b, L, n, c0, count, y0, rows_b, b_stage) : a_rows;
+    // One gradient's chunk: gathered from the other operand's rows, finished
+    // with its own.
+    auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
+                        const acc_t* own_rows, const acc_t* other_rows,
+                        scalar_t* grad) STCCL_LAMBDA_INLINE {
+      const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.pad * L.WB + L.pad,
+                                          L.stage_cstride, ws.runs.data(), L.run_cstride};
+      gather_chunk(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
+      write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
+    };
+    if (args.grad_a)
+      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), a_rows, b_rows, args.grad_a);
+    if (args.grad_b)
+      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), b_rows, a_rows, args.grad_b);
+  }
+}
+
+// Image n of an operand as an operand of its own (image index 0).
+
+}  // namespace stccl::cpu

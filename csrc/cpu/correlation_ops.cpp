@@ -1,0 +1,207 @@
+// CPU entry points of the ops of csrc/ops.h: allocation, dispatch on dtype and
+// ISA, and the band kernels of forward.h, backward.h and temporal.h run over
+// all threads.
+//
+// Copy policy: none. Operands of any strides (channels_last, slices, expanded,
+// 5-D clip views) are read in place by the staging loop of each task, which
+// also converts half types to float; only the outputs and gradients are
+// allocated (contiguous).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../entry_points.h"
+#include "../tensor_args.h"
+#include "temporal.h"
+#include "isa.h"
+
+namespace stccl::cpu {
+namespace {
+
+template <typename scalar_t>
+Operand<scalar_t> operand(const at::Tensor& t) {
+  const scalar_t* data = t.const_data_ptr<scalar_t>();
+  const auto* storage_end = static_cast<const char*>(t.storage().data()) + t.storage().nbytes();
+  const int64_t readable =
+      (storage_end - reinterpret_cast<const char*>(data)) / int64_t(sizeof(scalar_t));
+  return {data, strides4(t), data + readable};
+}
+
+// The band kernels: run<AVX2> does one task (AVX2: the AVX2 build's variant
+// where a kernel has one, e.g. the forward's row pairs).
+struct ForwardBand {
+  template <bool AVX2, typename... Args>
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { forward_band<AVX2>(args...); }
+};
+struct BackwardBand {
+  template <bool AVX2, typename... Args>
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { backward_band(args...); }
+};
+struct TemporalForwardBand {
+  template <bool AVX2, typename... Args>
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { temporal_forward_band<AVX2>(args...); }
+};
+struct TemporalBackwardBand {
+  template <bool AVX2, typename... Args>
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { temporal_backward_band(args...); }
+};
+
+// The ISA dispatch, once for every band kernel: each is compiled twice, and
+// the AVX2+FMA instance is chosen at run time where the processor has both.
+// The always-inline kernels take the target of the function they are inlined
+// into, so nothing outside band_avx2 uses AVX2 instructions.
+template <typename Band, typename Args, typename acc_t, typename WS>
+void band_generic(const Args& args, const Layout<acc_t>& L, int64_t task, WS& ws) {
+  Band::template run<false>(args, L, task, ws);
+}
+#if defined(__x86_64__) || defined(__i386__)
+template <typename Band, typename Args, typename acc_t, typename WS>
+__attribute__((target("avx2,fma"))) void band_avx2(const Args& args, const Layout<acc_t>& L,
+                                                   int64_t task, WS& ws) {
+  Band::template run<true>(args, L, task, ws);
+}
+#endif
+
+template <typename Band, typename WS, typename Args, typename acc_t>
+auto pick_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (use_avx2()) return &band_avx2<Band, Args, acc_t, WS>;
+#endif
+  return &band_generic<Band, Args, acc_t, WS>;
+}
+
+// Runs every band task with Band's kernel for this processor; each thread
+// gets a contiguous range of tasks (so neighbouring bands share cached halo
+// rows) and one workspace WS. The fence orders the range's streamed stores
+// before the join.
+template <typename Band, typename WS, typename Args, typename acc_t>
+void run_bands(const Layout<acc_t>& L, const Args& args) {
+  const auto band = pick_isa<Band, WS, Args, acc_t>();
+  at::parallel_for(0, L.tasks(), 1, [&](int64_t begin, int64_t end) {
+    WS ws(L);
+    for (int64_t task = begin; task < end; ++task) band(args, L, task, ws);
+    stream_fence();
+  });
+}
+
+// Fills the offsets past the centre of a self-correlation from the computed
+// ones: out[p, mirror(k)] = out[p + d_mirror(k), k].
+template <typename scalar_t>
+void mirror_self_correlation(scalar_t* out, int64_t N, int64_t H, int64_t W, const Window& w) {
+  const int64_t K = w.kernel_size, dilation = w.dilation, KK = w.offsets();
+  const int64_t centre = KK / 2, mirrored = KK - centre - 1;
+  at::parallel_for(0, N * mirrored * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t y = idx % H, kb = centre + 1 + (idx / H) % mirrored, n = idx / (H * mirrored);
+      const int64_t k = mirror_offset(kb, K);
+      const int64_t dy = offset_dy(kb, K, dilation), dx = offset_dx(kb, K, dilation);
+      scalar_t* dst = out + ((n * KK + kb) * H + y) * W;
+      const int64_t ys = y + dy;
+      if (ys < 0 || ys >= H) {
+        std::fill_n(dst, W, scalar_t(0));
+        continue;
+      }
+      const scalar_t* src = out + ((n * KK + k) * H + ys) * W + dx;
+      for (int64_t x = 0; x < W; ++x) dst[x] = (x + dx >= 0 && x + dx < W) ? src[x] : scalar_t(0);
+    }
+  });
+}
+
+at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bool self) {
+  auto out = at::empty(correlation_shape(a, w.kernel_size), a.options());
+  if (out.numel() == 0) return out;
+  const auto shape = dims(a);
+  const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Layout<acc_t> L(N, C, H, W, w, /*cover_halo=*/true);
+    const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
+                                            out.mutable_data_ptr<scalar_t>(), w.normalize, self,
+                                            static_cast<acc_t>(w.eps)};
+    run_bands<ForwardBand, Workspace<acc_t>>(L, args);
+    if (self) mirror_self_correlation(args.out, N, H, W, w);
+  });
+  return out;
+}
+
+// temporal_correlation: each frame staged once (temporal_forward_band) when
+// a band of all channels fits the staging bound, else the two frame views
+// correlated like any a and b.
+at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_stride) {
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  const auto shape = dims(v);
+  const auto out_shape = correlation_shape(a, w.kernel_size);
+  at::Tensor out;  // stays undefined when the bands do not fit
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*cover_halo=*/true);
+    if (!L.whole_stage) return;
+    out = at::empty(out_shape, v.options());
+    if (out.numel() == 0) return;
+    const int64_t pairs = v.size(1) - frame_stride;
+    L.N = v.size(0) * pairs;  // tasks: (clip, band, pair)
+    const TemporalForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(v),
+                                                    out.mutable_data_ptr<scalar_t>(), v.size(1),
+                                                    frame_stride, w.normalize,
+                                                    static_cast<acc_t>(w.eps)};
+    run_bands<TemporalForwardBand, TemporalWorkspace<acc_t>>(L, args);
+  });
+  if (!out.defined()) return forward(a, b, w, /*self=*/false);
+  return out;
+}
+
+// Gradients of a and/or b (of x when self), both from one pass over the bands.
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& a,
+                                            const at::Tensor& b, const at::Tensor& out,
+                                            const Window& w, bool need_a, bool need_b,
+                                            bool self) {
+  at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
+  if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
+  const auto shape = dims(a);
+  const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Layout<acc_t> L(N, C, H, W, w, /*cover_halo=*/false);
+    const BackwardArgs<scalar_t, acc_t> args{
+        operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
+        operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+        need_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr, w.normalize, self,
+        static_cast<acc_t>(w.eps)};
+    run_bands<BackwardBand, BackwardWorkspace<acc_t>>(L, args);
+  });
+  return {grad_a, grad_b};
+}
+
+// The clip gradient of temporal_correlation, frame by frame (see
+// temporal_backward_band).
+at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
+                             const at::Tensor& out, const Window& w, int64_t frame_stride) {
+  auto grad = at::empty(v.sizes(), v.options());
+  if (grad.numel() == 0) return grad;
+  const auto shape = dims(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*cover_halo=*/false);
+    const TemporalBackwardArgs<scalar_t, acc_t> args{
+        operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(v),
+        grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride, w.normalize,
+        static_cast<acc_t>(w.eps)};
+    run_bands<TemporalBackwardBand, BackwardWorkspace<acc_t>>(L, args);
+  });
+  return grad;
+}
+
+struct Cpu {
+  static constexpr auto forward = cpu::forward;
+  static constexpr auto temporal_forward = cpu::temporal_forward;
+  static constexpr auto backward = cpu::backward;
+  static constexpr auto temporal_backward = cpu::temporal_backward;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stccl_ops, CPU, m) { EntryPoints<Cpu>::kernels(m); }
+
+}  // namespace stccl::cpu

@@ -1,0 +1,180 @@
+// The forward pass over one band of output rows: the local correlation, and
+// the self-correlation's offsets up to the centre (the others are mirrored
+// afterwards, see cpu/correlation_ops.cpp). Outputs are written with
+// non-temporal stores.
+#pragma once
+
+#include "register_blocks.h"
+
+namespace stccl::cpu {
+
+// Per-thread scratch of the forward pass, allocated once per parallel range.
+template <typename acc_t>
+struct Workspace {
+  Buffer<acc_t> a_stage, b_stage, acc;
+  Buffer<acc_t> inv_a, inv_b;  // sums of squares, then inverse norms in place
+  Buffer<acc_t> out_rows;  // one offset's output rows of a band, in scalar_t
+  explicit Workspace(const Layout<acc_t>& L)
+      : a_stage(L.chunk * L.a_cstride),
+        b_stage(L.chunk * L.stage_cstride),
+        acc(L.band_rows * L.KK * L.Wv),
+        inv_a(L.band_rows * L.Wv),
+        inv_b(L.rows_b * L.WB),
+        out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
+};
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  Operand<scalar_t> a, b;
+  scalar_t* out;  // contiguous (N, K*K, H, W)
+  bool normalize, self;
+  acc_t eps;
+};
+
+// acc[rr][k] += the sums over one chunk of channels, for every offset k (a
+// self-correlation: those up to the centre) of the band's rows. a_rows: the
+// chunk's rows of a, b_stage: its staged rows of b with the halo.
+// ROW_PAIRS: the AVX2 build's row-pair kernel (see correlate_pair_block).
+template <bool ROW_PAIRS, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int64_t rows,
+                                         int64_t count, const acc_t* a_rows, int64_t a_cstride,
+                                         int64_t a_rstride, const acc_t* b_stage, acc_t* acc) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t r = K / 2, window_rows = self ? r + 1 : K;
+  using Blocks = std::conditional_t<ROW_PAIRS, Avx2Blocks, InlineBlocks>;
+  if constexpr (ROW_PAIRS) {
+    if (!self) {
+      // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
+      // window row i of rr and window row i - 1 of rr + d.
+      STCCL_WITH_DILATION(d, {
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          if ((rr / d) % 2 == 1) continue;  // the second row of a pair
+          const bool pair = rr + d < rows;
+          for (int64_t i = 0; i <= K; ++i) {
+            const bool row0 = i < K, row1 = pair && i > 0;
+            if (!row0 && !row1) continue;
+            for (int64_t xb = 0; xb < Wv; xb += V) {
+              const acc_t* a0 = a_rows + rr * a_rstride + xb;
+              const acc_t* a1 = a0 + d * a_rstride;
+              const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+              acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
+              acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
+              if (row0 && row1) {
+                STCCL_BLOCKED(Blocks::template pair, MAX_PAIR_BLOCK, DIL, K, a0, a1, a_cstride,
+                              b_vec + j0 * d, L.stage_cstride, d, count, acc0 + j0 * Wv,
+                              acc1 + j0 * Wv, Wv);
+              } else {
+                STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, K, row0 ? a0 : a1,
+                              a_cstride, b_vec + j0 * d, L.stage_cstride, d, count,
+                              (row0 ? acc0 : acc1) + j0 * Wv, Wv);
+              }
+            }
+          }
+        }
+      });
+      return;
+    }
+  }
+  STCCL_WITH_DILATION(d, {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      for (int64_t i = 0; i < window_rows; ++i) {
+        const int64_t offsets = (self && i == r) ? r + 1 : K;
+        for (int64_t xb = 0; xb < Wv; xb += V) {
+          const acc_t* a_vec = a_rows + rr * a_rstride + xb;
+          const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+          acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
+          STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, offsets, a_vec, a_cstride,
+                        b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+        }
+      }
+    }
+  });
+}
+
+// The band's rows of the output: out[k][y0 + rr] = acc * inv_a * inv_b, with
+// inv_a[rr] (rows inv_a_rstride apart) the inverse norms of a and inv_b
+// ([rows_b][WB], 0 outside the image) those of b. `out` is the image's
+// (K*K, H, W) volume. An offset's rows of the band are one contiguous run of
+// it: computed into run_buffer, then streamed out (see stream_copy).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t y0, int64_t rows,
+                                      const acc_t* acc, const acc_t* inv_a,
+                                      int64_t inv_a_rstride, const acc_t* inv_b,
+                                      acc_t* run_buffer, scalar_t* out) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t r = K / 2, window_rows = self ? r + 1 : K;
+  scalar_t* run = reinterpret_cast<scalar_t*>(run_buffer);
+  for (int64_t i = 0; i < window_rows; ++i) {
+    const int64_t offsets = (self && i == r) ? r + 1 : K;
+    for (int64_t j = 0; j < offsets; ++j) {
+      const int64_t k = i * K + j;
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        const acc_t* a_k = acc + (rr * KK + k) * Wv;
+        const acc_t* inv_p = inv_a + rr * inv_a_rstride;
+        const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
+        scalar_t* o = run + rr * L.W;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          // Whole vectors: a row's last vector runs into the next row's
+          // start, written after it (the buffer has one vector to spare for
+          // the last row). Short rows (W = 14) spent most of this loop in a
+          // scalar tail.
+          for (int64_t x = 0; x < L.W; x += V)
+            store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
+        } else {
+          for (int64_t x = 0; x < L.W; ++x)
+            o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
+        }
+      }
+      stream_copy(out + (k * L.H + y0) * L.W, run, rows * L.W * int64_t(sizeof(scalar_t)));
+    }
+  }
+}
+
+// One band of the forward pass. For a self-correlation (a is b) only the
+// offsets up to the centre are computed; mirror_self_correlation fills in the
+// rest afterwards.
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
+                                      const Layout<acc_t>& L, int64_t task,
+                                      Workspace<acc_t>& ws) {
+  const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t pad = L.pad, Wv = L.Wv, WB = L.WB;
+  acc_t* acc = ws.acc.data();
+  acc_t* inv_b = ws.inv_b.data();
+  acc_t* inv_a = ws.inv_a.data();
+  std::fill_n(acc, rows * L.KK * Wv, acc_t(0));
+  std::fill_n(inv_b, rows_b * WB, acc_t(0));
+  if (!args.self) std::fill_n(inv_a, rows * Wv, acc_t(0));
+
+  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+    const int64_t count = std::min(L.chunk, L.C - c0);
+    acc_t* b_stage = ws.b_stage.data();
+    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.stage_cstride, pad, WB, b_stage,
+               args.normalize ? inv_b : nullptr);
+    if (args.self) {
+      correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + pad * WB + pad,
+                                 L.stage_cstride, WB, b_stage, acc);
+    } else {
+      stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
+                 args.normalize ? inv_a : nullptr);
+      correlate_chunk<ROW_PAIRS>(L, false, rows, count, ws.a_stage.data(), L.a_cstride, Wv,
+                                 b_stage, acc);
+    }
+  }
+
+  inverse_norms_in_place(L, args.normalize, args.eps, y0 - pad, rows_b, WB, pad, inv_b,
+                         static_cast<acc_t*>(nullptr));
+  if (args.self)
+    for (int64_t rr = 0; rr < rows; ++rr)
+      std::copy_n(inv_b + (rr + pad) * WB + pad, L.W, inv_a + rr * Wv);
+  else
+    inverse_norms_in_place(L, args.normalize, args.eps, y0, rows, Wv, int64_t(0), inv_a,
+                           static_cast<acc_t*>(nullptr));
+  write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
+               args.out + n * L.KK * L.H * L.W);
+}
+
+}  // namespace stccl::cpu

@@ -1,0 +1,220 @@
+// The register blocks of the inner loops: the offsets of one window row (or,
+// for small windows, the whole window) held in registers while the channels
+// of a staged chunk stream past, SIMD over x. The forward's blocks correlate;
+// the backward's gather blocks weight and sum the other operand's rows.
+#pragma once
+
+#include "staging.h"
+
+namespace stccl::cpu {
+
+// acc[j] += sum over count channels of a * b[j * dil], for J offsets of one
+// window row; the J accumulators stay in registers across the channel loop.
+// DIL > 0 makes the dilation a compile-time constant (no offset registers).
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+                                         int64_t b_cstride, int64_t dil_rt, int64_t count,
+                                         acc_t* acc, int64_t acc_stride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec sum[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
+  // An end pointer rather than a counter: the loop must not keep anything in
+  // memory (a spilled counter puts a store-to-load chain into every step).
+  for (const acc_t* const a_end = a + count * a_cstride; a != a_end;
+       a += a_cstride, b += b_cstride) {
+    const vec av = load(a);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) sum[j] += av * load(b + j * dil);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
+}
+
+// correlate_block for two output rows that read the same staged row of b
+// (row 1 lies dil rows below row 0, so its window row is one less): each b
+// vector is loaded once for both rows, 2 + J loads per 2J FMAs instead of
+// 2 + 2J, which lifts the loop off the load ports (half of the unaligned b
+// loads straddle two cache lines). Only for the AVX2 build: the empty asm
+// keeps the b vector in a ymm register, as GCC otherwise folds the load into
+// both FMAs; a 32-byte vector fits no register of the portable build.
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, int64_t a_cstride,
+                                              const acc_t* b, int64_t b_cstride, int64_t dil_rt,
+                                              int64_t count, acc_t* acc0, acc_t* acc1,
+                                              int64_t acc_stride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec sum0[J], sum1[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    sum0[j] = load(acc0 + j * acc_stride);
+    sum1[j] = load(acc1 + j * acc_stride);
+  }
+  for (const acc_t* const a_end = a0 + count * a_cstride; a0 != a_end;
+       a0 += a_cstride, a1 += a_cstride, b += b_cstride) {
+    const vec av0 = load(a0), av1 = load(a1);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      vec bv = load(b + j * dil);
+      asm("" : "+x"(bv));
+      sum0[j] += av0 * bv;
+      sum1[j] += av1 * bv;
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    store(acc0 + j * acc_stride, sum0[j]);
+    store(acc1 + j * acc_stride, sum1[j]);
+  }
+}
+
+// The register blocks of correlate_chunk: inlined in the portable build, and
+// in the AVX2 build functions of their own. Inlined into the band loop there,
+// they shared its registers, and GCC kept their loops' pointers and bounds on
+// the stack: a load, or a store-to-load chain, in every step of loops that are
+// bound by loads (docs/cpu_kernels.md has the measurement).
+struct InlineBlocks {
+  template <int J, int DIL, typename... Args>
+  STCCL_ALWAYS_INLINE static void single(Args... args) {
+    correlate_block<J, DIL>(args...);
+  }
+};
+struct Avx2Blocks {
+  template <int J, int DIL, typename... Args>
+  STCCL_AVX2_FUNCTION static void single(Args... args) {
+    correlate_block<J, DIL>(args...);
+  }
+  template <int J, int DIL, typename... Args>
+  STCCL_AVX2_FUNCTION static void pair(Args... args) {
+    correlate_pair_block<J, DIL>(args...);
+  }
+};
+
+// dst[cc] += sum over J offsets of w[j] * x[cc][j * dil], for count channels;
+// the J weights stay in registers across the channel loop.
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const acc_t* x,
+                                      int64_t x_cstride, int64_t dil_rt, int64_t count,
+                                      acc_t* dst, int64_t dst_cstride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec wv[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) wv[j] = load(w + j * w_stride);
+  for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
+    // Two partial sums halve the chain of dependent FMAs.
+    vec s0 = load(dst), s1 = vec{};
+#pragma GCC unroll 16
+    for (int j = 0; j + 1 < J; j += 2) {
+      s0 += wv[j] * load(x + j * dil);
+      s1 += wv[j + 1] * load(x + (j + 1) * dil);
+    }
+    if (J % 2) s0 += wv[J - 1] * load(x + (J - 1) * dil);
+    store(dst, s0 + s1);
+  }
+}
+
+// The last step of a gradient, grad[c][p] = scale_p * sum_p - shift_p * own[c][p]
+// with own from its staged rows, written to `runs`: a channel's rows of the
+// band one after the other (W apart), channels run_cstride apart. At one
+// (row, x vector) position: the pointers below already point there.
+template <typename acc_t>
+struct GradientEpilogue {
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* own;
+  int64_t own_cstride;
+  acc_t* runs;
+  int64_t run_cstride;
+};
+
+// For windows of up to 3 x 3: the sum over the whole window of
+// w[i][j] * x[cc][i * dil rows + j * dil] (plus dst[cc] when accumulating),
+// all K*K weights in registers, so each channel's sum is stored once instead
+// of loaded and stored per row. Stored to dst[cc], or (FINAL) through the
+// gradient epilogue, whose scale and shift also stay in registers.
+template <int KW, int DIL, bool FINAL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const acc_t* x,
+                                       int64_t x_cstride, int64_t x_rstride, int64_t dil_rt,
+                                       int64_t count, acc_t* dst, int64_t dst_cstride,
+                                       bool accumulate, GradientEpilogue<acc_t> epi) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec wv[KW * KW];
+#pragma GCC unroll 16
+  for (int k = 0; k < KW * KW; ++k) wv[k] = load(w + k * w_stride);
+  vec scale{}, shift{};
+  if constexpr (FINAL) {
+    scale = load(epi.scale);
+    shift = load(epi.shift);
+  }
+  for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
+    // One partial sum per window row: short chains of dependent FMAs.
+    vec s[KW];
+#pragma GCC unroll 16
+    for (int i = 0; i < KW; ++i) {
+      const acc_t* row = x + i * dil * x_rstride;
+      s[i] = wv[i * KW] * load(row);
+#pragma GCC unroll 16
+      for (int j = 1; j < KW; ++j) s[i] += wv[i * KW + j] * load(row + j * dil);
+    }
+    vec total = accumulate ? load(dst) : vec{};
+#pragma GCC unroll 16
+    for (int i = 0; i < KW; ++i) total += s[i];
+    if constexpr (FINAL) {
+      store(epi.runs + cc * epi.run_cstride, scale * total - shift * load(epi.own));
+      epi.own += epi.own_cstride;
+    } else {
+      store(dst, total);
+    }
+  }
+}
+
+// Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register
+// blocks of at most MAXB (at most 9), as equal as can be (K = 7 in pairs:
+// 4 + 3, not 5 + 2: a block's sums are its chains of dependent FMAs, and 2 x 2
+// chains cannot cover the FMA latency); the arguments may use j0, the first
+// offset. Blocks above MAXB are never instantiated.
+#define STCCL_BLOCK_CASE(J, BLOCK, MAXB, DIL, ...) \
+  case J:                                          \
+    if constexpr (J <= (MAXB)) BLOCK<J, DIL>(__VA_ARGS__); \
+    break;
+#define STCCL_BLOCKED(BLOCK, MAXB, DIL, offsets, ...)                         \
+  do {                                                                        \
+    const int64_t stccl_blocks = ((offsets) + (MAXB) - 1) / (MAXB);           \
+    const int64_t stccl_size = ((offsets) + stccl_blocks - 1) / stccl_blocks; \
+    for (int64_t j0 = 0; j0 < (offsets); j0 += stccl_size) {                  \
+      switch (std::min<int64_t>(stccl_size, (offsets) - j0)) {                \
+        STCCL_BLOCK_CASE(1, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(2, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(3, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(4, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(5, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(6, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(7, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(8, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        STCCL_BLOCK_CASE(9, BLOCK, MAXB, DIL, __VA_ARGS__)                    \
+        default: break;                                                       \
+      }                                                                       \
+    }                                                                         \
+  } while (0)
+
+// Runs the statement with DIL bound to the dilation when it is 1 or 2 (the
+// common cases get constant offsets), else to 0 (read at run time).
+#define STCCL_WITH_DILATION(d, ...)                 \
+  do {                                              \
+    if ((d) == 1) {                                 \
+      constexpr int DIL = 1;                        \
+      __VA_ARGS__;                                  \
+    } else if ((d) == 2) {                          \
+      constexpr int DIL = 2;                        \
+      __VA_ARGS__;                                  \
+    } else {                                        \
+      constexpr int DIL = 0;                        \
+      __VA_ARGS__;                                  \
+    }                                               \
+  } while (0)
+
+}  // namespace stccl::cpu

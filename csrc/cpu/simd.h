@@ -1,0 +1,106 @@
+// SIMD vectors of the accumulation type, cache-line-aligned scratch buffers
+// and non-temporal stores: the primitives every CPU kernel is built from. The
+// kernels are written once as templates and compiled twice (an AVX2+FMA build
+// and a portable one, picked at run time; see cpu/correlation_ops.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
+// For lambdas in the kernels: a lambda does not take the target("avx2,fma")
+// of the function it sits in, so only inlined does its code get AVX2.
+#define STCCL_LAMBDA_INLINE __attribute__((always_inline))
+// An AVX2+FMA function that is not inlined (see Avx2Blocks); nothing
+// instantiates one where the target does not exist.
+#if defined(__x86_64__) || defined(__i386__)
+#define STCCL_AVX2_FUNCTION __attribute__((target("avx2,fma"), noinline))
+#else
+#define STCCL_AVX2_FUNCTION __attribute__((noinline))
+#endif
+
+namespace stccl::cpu {
+
+// Copies `bytes` from src to dst with non-temporal stores for the 16-byte
+// aligned part of dst: outputs and gradients are written once and not read
+// back by the pass, so they go to memory without first reading each line into
+// the cache (half the memory traffic of plain stores, for
+// results that are fresh allocations). SSE2 is part of x86-64, so both
+// builds take this path. The stores are weakly ordered: stream_fence must run
+// before another thread may read the data.
+STCCL_ALWAYS_INLINE void stream_copy(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(__x86_64__)
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  int64_t i = head;
+  for (; i + 16 <= bytes; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+  std::memcpy(d + i, s + i, bytes - i);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// Allocates cache-line-aligned storage for the scratch buffers, whose
+// channel strides are whole lines: the inner loops' vector loads then split a
+// line only where an offset makes them. From malloc (16-byte aligned, or page
+// + 16 for large buffers) half the loads of a and of the sums split one.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
+
+template <typename acc_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float vec __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double vec __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 4;
+};
+
+template <typename acc_t>
+STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load(const acc_t* p) {
+  typename Simd<acc_t>::vec v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+}  // namespace stccl::cpu

@@ -1,0 +1,325 @@
+// The layout of a call's work and the staging of operand rows into scratch.
+//
+// Work is split into tasks of `band_rows` output rows of one image. A task walks
+// the channels in chunks; for each chunk it stages the rows it needs into
+// small buffers (converted to the accumulation type, gathered from any
+// strides, zero-padded by the halo of the window, so the inner loops have no
+// bounds checks), with the sums of squares that become inverse norms. Inputs
+// are read from memory once per task (halo rows again, mostly from cache) and
+// no copy of a whole input is made: the extra memory is per-thread scratch of
+// O(rows * W) (up to 512 KiB per operand of staged rows in the backward).
+//
+// Every output element is produced by one task with a fixed summation order
+// (chunks in order, channels in order), so results are bitwise identical for
+// any thread count.
+#pragma once
+
+#include <type_traits>
+
+#include "../index_math.h"
+#include "../window.h"
+#include "simd.h"
+
+namespace stccl::cpu {
+
+// A band holds enough rows that a channel's rows of it are one contiguous run
+// of about 1.75 KiB (ceil(448 / W) rows of floats), at least 4 and at most 16,
+// rounded up to even (whole row pairs): fewer halo rows are re-read than with
+// shorter runs.
+constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 448;
+// Channels staged per chunk: the inner loop walks the channels of a chunk for
+// each (row, window row, x vector), touching ROWS_IN_FLIGHT rows of each
+// channel, which must stay in L1 (STAGE_BYTES) while x sweeps the row. More
+// channels per chunk amortise the accumulator loads and stores; the whole
+// staged chunk lives in L2.
+constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
+// The backward stages a band's rows of every channel at once when they take
+// at most this much per operand (they stay in L2): the pass that sums the
+// squares for the norms then also stages, and the channel loop reads them.
+constexpr int64_t WHOLE_STAGE_BYTES = 512 * 1024;
+// Channels ahead whose rows the staging loop prefetches: a channel's rows of
+// a band are a short burst, too short for the hardware prefetcher to ramp up.
+constexpr int64_t PREFETCH_CHANNELS = 8;
+// Offsets of one window row handled per register block; by the row-pair
+// kernel: 2 x 5 sums, two vectors of a and one of b, 13 of the 16 registers.
+constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = 5;
+
+// The channel stride of a staging buffer holding `elements` per channel: whole
+// cache lines, and an odd number of them. The inner loops walk the channels of
+// a chunk at a fixed position; with a stride of an even number of lines (a
+// multiple of 4 KiB, at worst) those lines share a few of the L1's sets and
+// evict each other; an odd count spreads 64 channels over all 64 sets.
+template <typename acc_t>
+constexpr int64_t channel_stride(int64_t elements) {
+  constexpr int64_t line = 64 / int64_t(sizeof(acc_t));
+  const int64_t lines = (elements + line - 1) / line;
+  return (lines | 1) * line;
+}
+
+// A read-only (N, C, H, W) operand with any strides; N may be a flattened
+// (B, T) of a clip view. `end` is the end of the memory it lives in (its
+// storage): reads before it are safe even past the operand's last element.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  Strides4 strides;
+  const scalar_t* end;
+  STCCL_ALWAYS_INLINE const scalar_t* row(int64_t n, int64_t c, int64_t y) const {
+    return data + element_offset(strides, n, c, y, 0);
+  }
+};
+
+// Sizes shared by every task of one call. Nothing here depends on the thread
+// count, so the summation order does not either.
+template <typename acc_t>
+struct Layout {
+  int64_t N, C, H, W, K, KK, dilation, pad;
+  int64_t band_rows;  // output rows per task
+  int64_t bands;    // bands per image
+  int64_t Wv;       // W rounded up to whole vectors
+  int64_t WB;       // staged row width with the halo on both sides
+  int64_t rows_b;   // staged rows of a band with the halo
+  int64_t chunk;    // channels per staged chunk
+  int64_t a_cstride;      // channel stride of the forward's staged a: [band_rows][Wv]
+  int64_t stage_cstride;  // of the staged rows with the halo: [rows_b][WB]
+  int64_t dst_cstride;    // of the backward's per-chunk sums: [band_rows][Wv]
+  int64_t run_cstride;    // of its gradient runs: [band_rows * W], one vector to spare
+  bool whole_stage; // the backward stages all channels of a band at once
+
+  // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
+  // large windows do not re-stage the same rows many times. The forward pass
+  // takes it; the backward keeps short bands, whose per-offset weight buffers
+  // (band_rows * K*K * W) must stay small.
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, bool cover_halo)
+      : N(N_), C(C_), H(H_), W(W_), K(window.kernel_size), KK(window.offsets()),
+        dilation(window.dilation), pad(window.pad()) {
+    constexpr int64_t V = Simd<acc_t>::lanes;
+    const int64_t pad_rows = cover_halo ? 2 * pad : 0;
+    band_rows = std::clamp(std::max((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1), pad_rows),
+                           MIN_BAND_ROWS, MAX_BAND_ROWS);
+    band_rows += band_rows % 2;  // whole row pairs (see correlate_chunk)
+    band_rows = std::max<int64_t>(1, std::min(H, band_rows));
+    bands = (H + band_rows - 1) / band_rows;
+    Wv = (W + V - 1) / V * V;
+    WB = Wv + 2 * pad;
+    rows_b = band_rows + 2 * pad;
+    // The inner loops sweep one staged row (plus one row of a) per channel.
+    const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
+    chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
+    chunk = std::min(chunk, MAX_CHUNK);
+    // Chunks of equal size: no short last chunk paying a whole pass over the
+    // accumulators, and the staged rows of one chunk stay in L2 (16 + 16
+    // channels instead of 30 + 2).
+    const int64_t chunks = (std::max<int64_t>(C, 1) + chunk - 1) / chunk;
+    chunk = (std::max<int64_t>(C, 1) + chunks - 1) / chunks;
+    a_cstride = dst_cstride = channel_stride<acc_t>(band_rows * Wv);
+    run_cstride = channel_stride<acc_t>(band_rows * W + V);
+    stage_cstride = channel_stride<acc_t>(rows_b * WB);
+    whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
+  }
+  int64_t tasks() const { return N * bands; }
+};
+
+// Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
+// (`channel` points at channel c of the image) when rows are contiguous.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layout<acc_t>& L,
+                                        int64_t c, const scalar_t* channel, int64_t y_first,
+                                        int64_t rows) {
+  if (src.strides.x != 1 || c + PREFETCH_CHANNELS >= L.C) return;
+  const scalar_t* ahead = channel + PREFETCH_CHANNELS * src.strides.c;
+  const int64_t y_lo = std::max<int64_t>(y_first, 0), y_hi = std::min(y_first + rows, L.H);
+  for (int64_t y = y_lo; y < y_hi; ++y) {
+    const char* line = reinterpret_cast<const char*>(ahead + y * src.strides.y);
+    for (int64_t byte = 0; byte < L.W * int64_t(sizeof(scalar_t)); byte += 64)
+      __builtin_prefetch(line + byte);
+  }
+}
+
+// One row of W values already in acc_t, contiguous, of CHANNELS channels
+// (s_cstride apart) to d (d_cstride apart), and their squares added to q
+// unless null, in whole vectors. The last vector reads past the row (the
+// caller checks that this memory exists) and zeroes those lanes, so d and q
+// receive zeros up to the next whole vector. A scalar tail costs more than the
+// vectors of a short row (W = 14: half the staging time). Two channels load
+// and store q once for both (the squares are added in channel order, as one
+// at a time would).
+template <int CHANNELS, typename acc_t>
+STCCL_ALWAYS_INLINE void stage_row_vectors(const acc_t* s, int64_t s_cstride, int64_t W,
+                                           acc_t* d, int64_t d_cstride, acc_t* q) {
+  using vec = typename Simd<acc_t>::vec;
+  using lanes_vec = decltype(vec{} < vec{});
+  using lane_t = decltype(lanes_vec{}[0] + 0);
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  for (int64_t x = 0; x < W; x += V) {
+    vec v[CHANNELS];
+    for (int c = 0; c < CHANNELS; ++c) v[c] = load(s + c * s_cstride + x);
+    if (x + V > W) {
+      lanes_vec lane{};
+      for (int i = 0; i < V; ++i) lane[i] = i;
+      const lanes_vec keep = lane < static_cast<lane_t>(W - x);
+      for (int c = 0; c < CHANNELS; ++c) v[c] = keep ? v[c] : vec{};
+    }
+    for (int c = 0; c < CHANNELS; ++c) store(d + c * d_cstride + x, v[c]);
+    if (q != nullptr) {
+      vec sum = load(q + x);
+      for (int c = 0; c < CHANNELS; ++c) sum += v[c] * v[c];
+      store(q + x, sum);
+    }
+  }
+}
+
+// Copies rows [y_first, y_first + rows) of channels [c0, c0 + count) of
+// image n to dst[cc * cstride + row * width + lead + x] in acc_t, zero for
+// rows outside the image, and adds the squares to sum_sq[row][lead + x] when
+// given. The margins of dst (before lead, after lead + Wv) are never written:
+// the workspace keeps them zero.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<acc_t>& L,
+                                    int64_t n, int64_t c0, int64_t count, int64_t y_first,
+                                    int64_t rows, int64_t cstride, int64_t lead, int64_t width,
+                                    acc_t* dst, acc_t* sum_sq) {
+  const int64_t W = L.W, sx = src.strides.x, sc = src.strides.c;
+  const scalar_t* image = src.row(n, 0, 0);
+  for (int64_t cc = 0; cc < count;) {
+    // Channels in pairs where the rows take the vector path (see
+    // stage_row_vectors).
+    const int64_t channels =
+        (std::is_same_v<scalar_t, acc_t> && sx == 1 && cc + 1 < count) ? 2 : 1;
+    const scalar_t* channel = image + (c0 + cc) * sc;
+    for (int64_t c = 0; c < channels; ++c)
+      prefetch_ahead(src, L, c0 + cc + c, channel + c * sc, y_first, rows);
+    for (int64_t row = 0; row < rows; ++row) {
+      acc_t* d = dst + cc * cstride + row * width + lead;
+      acc_t* q = sum_sq != nullptr ? sum_sq + row * width + lead : nullptr;
+      const int64_t y = y_first + row;
+      if (y < 0 || y >= L.H) {
+        for (int64_t c = 0; c < channels; ++c) std::fill_n(d + c * cstride, W, acc_t(0));
+        continue;
+      }
+      const scalar_t* s = channel + y * src.strides.y;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (sx == 1 && src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv) {
+          if (channels == 2) stage_row_vectors<2>(s, sc, W, d, cstride, q);
+          else stage_row_vectors<1>(s, sc, W, d, cstride, q);
+          continue;
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c, s += sc, d += cstride) {
+        if (q != nullptr) {
+          if (sx == 1) {
+            for (int64_t x = 0; x < W; ++x) {
+              const acc_t v = static_cast<acc_t>(s[x]);
+              d[x] = v;
+              q[x] += v * v;
+            }
+          } else {
+            for (int64_t x = 0; x < W; ++x) {
+              const acc_t v = static_cast<acc_t>(s[x * sx]);
+              d[x] = v;
+              q[x] += v * v;
+            }
+          }
+        } else if (sx == 1) {
+          for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x]);
+        } else {
+          for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x * sx]);
+        }
+      }
+    }
+    cc += channels;
+  }
+}
+
+// Turns the sums of squares that stage_rows added up in `inv` (rows
+// [y_first, y_first + rows) of the image, `stride` apart, the image's columns
+// at [lead, lead + W)) into inverse norms in place: 1 in raw mode, where no
+// sums were taken; entries outside the image keep their zeros. `pass`, when
+// given, gets the clamp mask (0 outside the image and in raw mode). The loops
+// have no branches, so they vectorise; two loops, as one with both does not.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void inverse_norms_in_place(const Layout<acc_t>& L, bool normalize, acc_t eps,
+                                                int64_t y_first, int64_t rows, int64_t stride,
+                                                int64_t lead, acc_t* inv, acc_t* pass) {
+  if (pass != nullptr) std::fill_n(pass, rows * stride, acc_t(0));
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t y = y_first + row;
+    if (y < 0 || y >= L.H) continue;
+    acc_t* inv_x = inv + row * stride + lead;
+    if (!normalize) {
+      std::fill_n(inv_x, L.W, acc_t(1));
+      continue;
+    }
+    if (pass != nullptr) {
+      acc_t* pass_x = pass + row * stride + lead;
+      for (int64_t x = 0; x < L.W; ++x)
+        pass_x[x] = norm_passes_clamp(inv_x[x], eps) ? acc_t(1) : acc_t(0);
+    }
+    for (int64_t x = 0; x < L.W; ++x) inv_x[x] = inverse_norm(inv_x[x], eps);
+  }
+}
+
+// One operand's band as halo_norms leaves it: the staged rows (all channels
+// when the layout stages whole bands, else scratch for one chunk) and the
+// inverse norms and clamp mask over the band with its halo. `image` and
+// `band` name what it holds, for the temporal passes' reuse.
+template <typename acc_t>
+struct StagedBand {
+  Buffer<acc_t> stage;      // [C or chunk] x stage_cstride
+  Buffer<acc_t> inv, pass;  // [rows_b][WB]
+  int64_t image = -1, band = -1;
+  uint64_t last_use = 0;
+  explicit StagedBand(const Layout<acc_t>& L)
+      : stage((L.whole_stage ? L.C : L.chunk) * L.stage_cstride),
+        inv(L.rows_b * L.WB),
+        pass(inv.size()) {}
+};
+
+// A thread's staged bands, each built (zeroed, up to 512 KiB of staged rows)
+// only when a pass first asks for it: the spatial backward takes one or two,
+// the temporal passes three.
+template <typename acc_t>
+struct StagedBands {
+  static constexpr size_t MAX = 3;
+  const Layout<acc_t>& layout;
+  std::vector<StagedBand<acc_t>> slots;  // never beyond MAX: references stay valid
+  uint64_t clock = 0;
+  explicit StagedBands(const Layout<acc_t>& L) : layout(L) { slots.reserve(MAX); }
+  StagedBand<acc_t>& operator[](size_t i) {
+    while (slots.size() <= i && slots.size() < MAX) slots.emplace_back(layout);
+    return slots[i];
+  }
+};
+
+// Inverse norms and clamp masks of one operand over the band and its halo,
+// [rows_b][WB], 0 outside the image (raw mode: 1 inside, mask 0). Reads the
+// band's rows of every channel, staging them all into `stage` when the layout
+// says they fit (whole_stage), else into its first chunk as scratch.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, bool normalize, acc_t eps,
+                                    const Layout<acc_t>& L, int64_t n, int64_t y0, int64_t rows_b,
+                                    acc_t* stage, acc_t* inv, acc_t* pass) {
+  const int64_t pad = L.pad, WB = L.WB;
+  std::fill_n(inv, rows_b * WB, acc_t(0));
+  if (normalize || L.whole_stage) {
+    for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
+      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.stage_cstride, pad,
+                 WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
+                 normalize ? inv : nullptr);
+  }
+  inverse_norms_in_place(L, normalize, eps, y0 - pad, rows_b, WB, pad, inv, pass);
+}
+
+// The staged rows of channels [c0, c0 + count): already in `stage` when the
+// whole band was staged by halo_norms, else staged now.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE const acc_t* stage_chunk(const Operand<scalar_t>& v, const Layout<acc_t>& L,
+                                             int64_t n, int64_t c0, int64_t count, int64_t y0,
+                                             int64_t rows_b, acc_t* stage) {
+  if (L.whole_stage) return stage + c0 * L.stage_cstride;
+  stage_rows(v, L, n, c0, count, y0 - L.pad, rows_b, L.stage_cstride, L.pad, L.WB, stage,
+             static_cast<acc_t*>(nullptr));
+  return stage;
+}
+
+}  // namespace stccl::cpu
