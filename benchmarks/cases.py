@@ -1,9 +1,13 @@
-"""The standard benchmark shapes and one setup function per case, shared by the
-comparison CLI (compare.py) and the pytest-benchmark microbenchmarks."""
+"""The benchmark shapes and one setup function per case, shared by the
+comparison CLI (compare.py) and the pytest-benchmark microbenchmarks: the
+standard cases, a grid with one case per shape class users have, and the
+peers a user would run instead (an F.unfold implementation; the
+spatial_correlation_sampler package when it is importable)."""
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import stccl_ops
 
@@ -19,6 +23,15 @@ class Case:
     K: int
     dilation: int = 1
     T: int = 1  # frames (temporal)
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    @property
+    def itemsize(self):
+        return self.torch_dtype.itemsize
 
     @property
     def pairs(self):
@@ -36,12 +49,12 @@ class Case:
         """Multiply-adds of the dot products, 2 flops each."""
         return 2 * self.pairs * self.C * self.H * self.W * self.K * self.K
 
-    def floor_bytes(self, backward, itemsize=4):
+    def floor_bytes(self, backward):
         """Forward: inputs read once + output written once. Forward+backward:
-        inputs + grad_out read, input gradients written."""
+        inputs + grad_out read, input gradients written. In the case's dtype."""
         if backward:
-            return (2 * self.input_elements() + self.output_elements()) * itemsize
-        return (self.input_elements() + self.output_elements()) * itemsize
+            return (2 * self.input_elements() + self.output_elements()) * self.itemsize
+        return (self.input_elements() + self.output_elements()) * self.itemsize
 
     def floor_flops(self, backward):
         return 3 * self.flops() if backward else self.flops()
@@ -57,12 +70,60 @@ STANDARD_CASES = (
     Case("S3-self", "spatial", 8, 128, 64, 64, 7),
 )
 
+# One case per shape class (compare.py --grid): narrow maps with many channels
+# (late CNN stages), many tiny images, few channels on a large image, wide flat
+# maps, long clips of narrow frames, half types and float64.
+GRID_CASES = (
+    Case("narrow-7x7", "local", 16, 1024, 7, 7, 3),
+    Case("narrow-14x14", "local", 32, 256, 14, 14, 5),
+    Case("tiny-images", "local", 256, 64, 8, 8, 3),
+    Case("few-channels", "local", 1, 4, 512, 512, 7),
+    Case("wide-flat", "local", 2, 32, 8, 1024, 3),
+    Case("clip-narrow", "temporal", 2, 512, 14, 14, 3, T=16),
+    Case("S1-bf16", "local", 20, 64, 56, 56, 3, dtype="bfloat16"),
+    Case("S1-fp16", "local", 20, 64, 56, 56, 3, dtype="float16"),
+    Case("S2-f64", "local", 20, 256, 14, 14, 3, dtype="float64"),
+)
+ALL_CASES = STANDARD_CASES + GRID_CASES
 
-def make_inputs(case, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
+# What a user would use instead, timed beside the backends.
+PEERS = ("unfold", "sampler")
+
+
+def sampler_available():
+    try:
+        import spatial_correlation_sampler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unfold_local_correlation(a, b, kernel_size, dilation, normalize=True, eps=1e-8):
+    """The common hand-written implementation: F.unfold of b (an (N, C*K*K, H*W)
+    copy), times a, summed over channels."""
+    N, C, H, W = a.shape
+    if normalize:
+        a, b = F.normalize(a, dim=1, eps=eps), F.normalize(b, dim=1, eps=eps)
+    pad = (kernel_size // 2) * dilation
+    cols = F.unfold(b, kernel_size, dilation=dilation, padding=pad)
+    cols = cols.view(N, C, kernel_size * kernel_size, H, W)
+    return (a.unsqueeze(2) * cols).sum(1)
+
+
+def sampler_local_correlation(a, b, kernel_size, dilation):
+    """spatial_correlation_sampler in raw mode: (N, P, P, H, W) -> (N, P*P, H, W)."""
+    from spatial_correlation_sampler import spatial_correlation_sample
+
+    out = spatial_correlation_sample(a, b, kernel_size=1, patch_size=kernel_size, stride=1,
+                                     padding=0, dilation=1, dilation_patch=dilation)
+    return out.view(a.shape[0], kernel_size * kernel_size, *a.shape[-2:])
+
+
+def make_inputs(case, device="cpu", requires_grad=False, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(
+        return torch.randn(*shape, generator=g).to(device, case.torch_dtype).requires_grad_(
             requires_grad)
 
     if case.op == "temporal":
@@ -72,8 +133,27 @@ def make_inputs(case, device="cpu", dtype=torch.float32, requires_grad=False, se
     return rand(case.N, case.C, case.H, case.W), rand(case.N, case.C, case.H, case.W)
 
 
+def _pair_maps(case, inputs):
+    """(a, b) as 4-D maps: the frame pairs of a clip, x twice for spatial."""
+    if case.op == "temporal":
+        v = inputs[0]
+        return v[:, :-1].flatten(0, 1), v[:, 1:].flatten(0, 1)
+    if case.op == "spatial":
+        return inputs[0], inputs[0]
+    return inputs
+
+
 def run_case(case, inputs, backend):
-    """The op of `case` on `inputs` with `backend`; returns the output volume."""
+    """The op of `case` on `inputs` with `backend` (a backend, a peer, or a
+    backend's raw mode "<backend>-raw"); returns the output volume."""
+    if backend in PEERS or backend.endswith("-raw"):
+        a, b = _pair_maps(case, inputs)
+        if backend == "unfold":
+            return unfold_local_correlation(a, b, case.K, case.dilation)
+        if backend == "sampler":
+            return sampler_local_correlation(a, b, case.K, case.dilation)
+        return stccl_ops.local_correlation(a, b, case.K, case.dilation, normalize=False,
+                                           backend=backend[:-len("-raw")])
     if case.op == "temporal":
         return stccl_ops.temporal_correlation(inputs[0], case.K, case.dilation, backend=backend)
     if case.op == "spatial":

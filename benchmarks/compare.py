@@ -1,13 +1,16 @@
-"""One comparison table: every available backend on the standard shapes,
-forward and forward+backward, against this machine's measured floor.
+"""One comparison table: every available backend and the peers a user would
+run instead, on the standard shapes (or the shape-class grid), forward and
+forward+backward, against this machine's measured floor.
 
-    python benchmarks/compare.py [--device cpu|cuda] [--threads 2] [--cases S1,S3]
-                                 [--rounds 5] [--out benchmarks/results]
+    python benchmarks/compare.py [--grid] [--quick] [--device cpu|cuda] [--threads 2]
+                                 [--cases S1,S3] [--rounds 5] [--out benchmarks/results]
 
-For each case and backend: median time, speedup over the reference, achieved
-GB/s and GFLOP/s, the time as a multiple of the floor
-max(floor bytes / copy bandwidth, floor flops / matmul rate) measured in the
-same run, and the peak extra memory. The whole table is timed in several
+For each case and backend: median time, speedup over the reference and over
+the F.unfold implementation (and, for the raw-mode rows, over
+spatial_correlation_sampler when it is importable), achieved GB/s and GFLOP/s,
+the time as a multiple of the floor max(floor bytes / copy bandwidth, floor
+flops / matmul rate in the case's accumulation type) measured in the same
+run, and the peak extra memory. The whole table is timed in several
 rounds, each time being the lowest round median: a shared machine has slow
 phases of seconds to minutes, which a single median cannot average out (with
 three rounds a whole run could fall into one: every case 10-20% slow against
@@ -30,7 +33,8 @@ import time
 import torch
 
 import stccl_ops
-from cases import STANDARD_CASES, make_step  # benchmarks/ is the script's directory
+# benchmarks/ is the script's directory, so cases imports as a module
+from cases import ALL_CASES, GRID_CASES, STANDARD_CASES, make_step, sampler_available
 
 
 def synchronize(device):
@@ -38,11 +42,17 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, min_reps=5, min_seconds=0.4, max_reps=200):
-    """Median wall time of fn() in ms after two warm-up calls; the device is
+# Repetitions per timing: (at least, for at least this many seconds); --quick lowers them.
+TIMING = {"warmup": 2, "min_reps": 5, "min_seconds": 0.4}
+
+
+def median_ms(fn, device, min_reps=None, min_seconds=None, max_reps=200):
+    """Median wall time of fn() in ms after warm-up calls; the device is
     synchronised inside the timed region."""
-    fn()
-    fn()
+    min_reps = min_reps or TIMING["min_reps"]
+    min_seconds = TIMING["min_seconds"] if min_seconds is None else min_seconds
+    for _ in range(TIMING["warmup"]):
+        fn()
     synchronize(device)
     times = []
     start = time.perf_counter()
@@ -56,16 +66,19 @@ def median_ms(fn, device, min_reps=5, min_seconds=0.4, max_reps=200):
 
 
 def machine_rates(device):
-    """(copy bandwidth GB/s counting read + write, matmul GFLOP/s), measured now."""
+    """(copy bandwidth GB/s counting read + write, float32 matmul GFLOP/s,
+    float64 matmul GFLOP/s), measured now."""
     n = 64 * 2**20  # 256 MiB of float32 per buffer: far beyond the caches
     src = torch.randn(n, device=device)
     dst = torch.randn(n, device=device)
     copy_ms = median_ms(lambda: dst.copy_(src), device)
-    m = 4096 if device == "cuda" else 2048
-    mat = torch.randn(m, m, device=device)
-    mm_ms = median_ms(lambda: mat @ mat, device)
     del src, dst
-    return 2 * n * 4 / copy_ms / 1e6, 2 * m**3 / mm_ms / 1e6
+    m = 4096 if device == "cuda" else 2048
+    rates = [2 * n * 4 / copy_ms / 1e6]
+    for dtype in (torch.float32, torch.float64):
+        mat = torch.randn(m, m, device=device, dtype=dtype)
+        rates.append(2 * m**3 / median_ms(lambda: mat @ mat, device) / 1e6)
+    return tuple(rates)
 
 
 def _rss_bytes(field):
@@ -85,12 +98,12 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
               "MALLOC_ARENA_MAX": "1", "MALLOC_TOP_PAD_": "0"}
 
 
-def measure_memory_in_child(device, threads, case_names, backends):
+def measure_memory_in_child(device, threads, cases, backends):
     if device != "cpu":
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--threads",
-           str(threads), "--cases", ",".join(case_names), "--backends", ",".join(backends),
-           "--memory-only"]
+           str(threads), "--cases", ",".join(case.name for case in cases),
+           "--backends", ",".join(backends), "--memory-only"]
     env = {**os.environ, **MEMORY_ENV}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -154,85 +167,107 @@ def provenance(device, threads):
     return info
 
 
-def selected_runs(case_names, backends):
-    return [(case, backward, backend) for case in STANDARD_CASES
-            if not case_names or case.name in case_names
+def selected_cases(case_names, grid):
+    if case_names:
+        return [case for case in ALL_CASES if case.name in case_names]
+    return list(GRID_CASES if grid else STANDARD_CASES)
+
+
+def selected_runs(cases, backends):
+    return [(case, backward, backend) for case in cases
             for backward in (False, True) for backend in backends]
 
 
-def memory_only(device, threads, case_names, backends):
+def memory_only(device, threads, cases, backends):
     """Prints {"case|pass|backend": peak bytes} as one JSON line."""
     torch.set_num_threads(threads)
     peaks = {}
-    for case, backward, backend in selected_runs(case_names, backends):
+    for case, backward, backend in selected_runs(cases, backends):
         step = make_step(case, backend, device, backward)
         step()
         peaks[f"{case.name}|{int(backward)}|{backend}"] = peak_extra_bytes(step, device)
     print(json.dumps(peaks))
 
 
-def run(device, threads, case_names, backends, rounds):
+def run(device, threads, cases, backends, rounds, measure_memory=True):
     torch.set_num_threads(threads)
     # The rates drift on shared machines too: measured before the timings and
     # after each round, the floor takes the highest (the stricter floor).
     rates = [machine_rates(device)]
     rows = []
-    runs = selected_runs(case_names, backends)
-    steps = {key: make_step(key[0], key[2], device, key[1]) for key in runs}
+    runs = selected_runs(cases, backends)
     round_ms = {key: [] for key in runs}
-    for _ in range(rounds):
+    for r in range(rounds):
         for key in runs:
-            round_ms[key].append(median_ms(steps[key], device))
+            case, backward, backend = key
+            step = make_step(case, backend, device, backward)
+            round_ms[key].append(median_ms(step, device))
+            del step
+            print(f"  round {r + 1}/{rounds}: {case.name} {'fwd+bwd' if backward else 'fwd'} "
+                  f"{backend} {round_ms[key][-1]:.3f} ms", file=sys.stderr, flush=True)
         rates.append(machine_rates(device))
-    del steps
-    times = {key: min(medians) for key, medians in round_ms.items()}
-    bandwidth, flop_rate = max(r[0] for r in rates), max(r[1] for r in rates)
-    child_peaks = measure_memory_in_child(device, threads, case_names, backends)
+    times = {key: min(medians) for key, medians in round_ms.items() if medians}
+    bandwidth = max(r[0] for r in rates)
+    flop_rate = {"float32": max(r[1] for r in rates), "float64": max(r[2] for r in rates)}
+    child_peaks = measure_memory_in_child(device, threads, cases, backends) if measure_memory else None
     for case, backward, backend in runs:
+        if (case, backward, backend) not in times:
+            continue
         ms = times[case, backward, backend]
-        reference_ms = times.get((case, backward, "reference"))
+        peer_ms = {peer: times.get((case, backward, peer)) for peer in ("reference", "unfold")}
+        if backend.endswith("-raw"):
+            peer_ms["sampler"] = times.get((case, backward, "sampler"))
         if child_peaks is not None:
             peak = child_peaks.get((case.name, str(int(backward)), backend))
-        else:
+        elif measure_memory:
             peak = peak_extra_bytes(make_step(case, backend, device, backward), device)
+        else:
+            peak = None
         bytes_, flops = case.floor_bytes(backward), case.floor_flops(backward)
-        floor_ms = max(bytes_ / bandwidth / 1e6, flops / flop_rate / 1e6)
+        rate = flop_rate["float64" if case.dtype == "float64" else "float32"]
+        floor_ms = max(bytes_ / bandwidth / 1e6, flops / rate / 1e6)
         rows.append({
-            "case": case.name, "op": case.op, "pass": "fwd+bwd" if backward else "fwd",
-            "backend": backend, "ms": ms,
+            "case": case.name, "op": case.op, "dtype": case.dtype,
+            "pass": "fwd+bwd" if backward else "fwd", "backend": backend, "ms": ms,
             "round_ms": round_ms[case, backward, backend],
-            "speedup": reference_ms / ms if reference_ms else None,
+            "speedup": peer_ms["reference"] / ms if peer_ms["reference"] else None,
+            "vs_peer": {peer: p / ms for peer, p in peer_ms.items()
+                        if p and peer != "reference"},
             "GB/s": bytes_ / ms / 1e6, "GFLOP/s": flops / ms / 1e6,
             "floor_ms": floor_ms, "x_floor": ms / floor_ms,
             "peak_extra_MiB": None if peak is None else peak / 2**20,
-            "output_MiB": case.output_elements() * 4 / 2**20,
+            "output_MiB": case.output_elements() * case.itemsize / 2**20,
         })
         print(format_row(rows[-1]), flush=True)
     return {"provenance": provenance(device, threads), "bandwidth_GBps": bandwidth,
-            "matmul_GFLOPps": flop_rate, "rates": rates, "rounds": rounds, "rows": rows}
+            "matmul_GFLOPps": flop_rate["float32"], "matmul_f64_GFLOPps": flop_rate["float64"],
+            "rates": rates, "rounds": rounds, "rows": rows}
 
 
-HEADER = (f"{'case':8} {'pass':8} {'backend':10} {'ms':>9} {'vs ref':>7} {'GB/s':>7} "
-          f"{'GFLOP/s':>8} {'x floor':>8} {'peak MiB':>9} {'out MiB':>8}")
+COLUMNS = ("case", "pass", "backend", "ms", "vs reference", "vs unfold", "vs sampler", "GB/s",
+           "GFLOP/s", "x floor", "peak extra MiB", "output MiB")
+WIDTHS = (13, 8, 10, 9, 8, 8, 8, 7, 8, 8, 9, 8)
+HEADER = " ".join(f"{c if len(c) <= w else c.split()[-1]:>{w}}" for c, w in zip(COLUMNS, WIDTHS))
+
+
+def cells(r):
+    def ratio(x):
+        return f"{x:.1f}x" if x else "-"
+
+    peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
+    return (r["case"], r["pass"], r["backend"], f"{r['ms']:.3f}", ratio(r["speedup"]),
+            ratio(r["vs_peer"].get("unfold")), ratio(r["vs_peer"].get("sampler")),
+            f"{r['GB/s']:.1f}", f"{r['GFLOP/s']:.1f}", f"{r['x_floor']:.2f}", peak,
+            f"{r['output_MiB']:.1f}")
 
 
 def format_row(r):
-    speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
-    peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
-    return (f"{r['case']:8} {r['pass']:8} {r['backend']:10} {r['ms']:9.3f} {speed:>7} "
-            f"{r['GB/s']:7.1f} {r['GFLOP/s']:8.1f} {r['x_floor']:8.2f} {peak:>9} "
-            f"{r['output_MiB']:8.1f}")
+    return " ".join(f"{c:>{w}}" for c, w in zip(cells(r), WIDTHS))
 
 
 def markdown_table(result):
-    lines = ["| case | pass | backend | ms | vs reference | GB/s | GFLOP/s | x floor | "
-             "peak extra MiB | output MiB |", "|" + "---|" * 10]
-    for r in result["rows"]:
-        speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
-        peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
-        lines.append(f"| {r['case']} | {r['pass']} | {r['backend']} | {r['ms']:.3f} | {speed} | "
-                     f"{r['GB/s']:.1f} | {r['GFLOP/s']:.1f} | {r['x_floor']:.2f} | {peak} | "
-                     f"{r['output_MiB']:.1f} |")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -272,33 +307,46 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
+    parser.add_argument("--grid", action="store_true",
+                        help="the shape-class grid instead of the standard cases")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of fewer repetitions, no memory measurement (~1 minute)")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated case names of either table (default: the table's)")
     parser.add_argument("--backends", default="", help="comma-separated (default: available, but cuda_emulated)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="timing rounds over the whole table (the lowest median is kept)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    case_names = set(filter(None, args.cases.split(",")))
-    # cuda_emulated is the CUDA kernels on a CPU emulator: correct, not fast.
-    backends = ([b for b in args.backends.split(",") if b] or
-                [b for b in stccl_ops.available_backends(args.device) if b != "cuda_emulated"])
-    if "reference" in backends:  # first, so that speedups can be computed
-        backends = ["reference"] + [b for b in backends if b != "reference"]
+    cases = selected_cases(set(filter(None, args.cases.split(","))), args.grid)
+    backends = [b for b in args.backends.split(",") if b]
+    if not backends:
+        # cuda_emulated is the CUDA kernels on a CPU emulator: correct, not fast.
+        ours = [b for b in stccl_ops.available_backends(args.device)
+                if b not in ("reference", "cuda_emulated")]
+        backends = ["reference", "unfold", *ours]
+        if sampler_available():  # raw mode, against our raw mode
+            backends += ["sampler", *(f"{b}-raw" for b in ours)]
+    if args.quick:
+        TIMING.update(warmup=1, min_reps=2, min_seconds=0.05)
+        args.rounds = 1
     if args.memory_only:
-        return memory_only(args.device, args.threads, case_names, backends)
+        return memory_only(args.device, args.threads, cases, backends)
     print(HEADER)
-    result = run(args.device, args.threads, case_names, backends, max(1, args.rounds))
-    copies = " / ".join(f"{bw:.1f}" for bw, _ in result["rates"])
-    matmuls = " / ".join(f"{mm:.1f}" for _, mm in result["rates"])
-    print(f"\nfloor rates (the highest of {len(result['rates'])} measurements): copy "
-          f"{result['bandwidth_GBps']:.1f} GB/s ({copies}), matmul "
-          f"{result['matmul_GFLOPps']:.1f} GFLOP/s ({matmuls})")
+    result = run(args.device, args.threads, cases, backends, max(1, args.rounds),
+                 measure_memory=not args.quick)
+    rates = result["rates"]
+    print(f"\nfloor rates (the highest of {len(rates)} measurements): copy "
+          f"{result['bandwidth_GBps']:.1f} GB/s ({' / '.join(f'{r[0]:.1f}' for r in rates)}), "
+          f"matmul {result['matmul_GFLOPps']:.1f} GFLOP/s float32 "
+          f"({' / '.join(f'{r[1]:.1f}' for r in rates)}), "
+          f"{result['matmul_f64_GFLOPps']:.1f} float64")
     print(json.dumps(result["provenance"]))
     print()
     print(markdown_table(result))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"compare-{args.device}")
+    stem = os.path.join(args.out, f"compare-{args.device}{'-grid' if args.grid else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     chart(result, stem + ".png")
