@@ -15,7 +15,7 @@ struct BackwardWorkspace {
   Buffer<acc_t> scale_a, shift_a, scale_b, shift_b;  // [band_rows][Wv]
   Buffer<acc_t> dst;                          // [chunk] x dst_cstride
   Buffer<acc_t> runs;                         // [chunk] x run_cstride
-  Buffer<acc_t> converted;  // one channel's gradient rows of a band, in scalar_t
+  Buffer<acc_t> converted;  // gradient rows of a band (one channel's or a chunk's), in scalar_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
       : staged(L),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
@@ -23,7 +23,7 @@ struct BackwardWorkspace {
         shift_b(scale_a.size()),
         dst(L.chunk * L.dst_cstride),
         runs(L.chunk * L.run_cstride),
-        converted(L.band_rows * L.W) {}
+        converted(L.run_buffer(L.chunk)) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -174,24 +174,30 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 }
 
 // Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
-// converted to scalar_t through one channel's buffer when it is not acc_t.
+// converted to scalar_t through the buffer when it is not acc_t; with
+// L.single_run the chunk's channels, one after the other in grad, are
+// gathered in the buffer and streamed as one run.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
                                         int64_t count, int64_t y0, int64_t rows,
-                                        const acc_t* runs, acc_t* convert_buffer,
-                                        scalar_t* grad) {
+                                        const acc_t* runs, acc_t* buffer, scalar_t* grad) {
   const int64_t elements = rows * L.W;
+  scalar_t* gathered = reinterpret_cast<scalar_t*>(buffer);
   for (int64_t cc = 0; cc < count; ++cc) {
     const acc_t* run = runs + cc * L.run_cstride;
     const void* src = run;
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      scalar_t* converted = reinterpret_cast<scalar_t*>(convert_buffer);
-      for (int64_t i = 0; i < elements; ++i) converted[i] = static_cast<scalar_t>(run[i]);
-      src = converted;
+    if (L.single_run || !std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* dst = gathered + (L.single_run ? cc * elements : 0);
+      for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(run[i]);
+      src = dst;
     }
-    stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
-                elements * int64_t(sizeof(scalar_t)));
+    if (!L.single_run)
+      stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
+                  elements * int64_t(sizeof(scalar_t)));
   }
+  if (L.single_run)
+    stream_copy(grad + (n * L.C + c0) * L.H * L.W, gathered,
+                count * elements * int64_t(sizeof(scalar_t)));
 }
 
 // One band of the backward pass: both gradients (or the self-correlation's)

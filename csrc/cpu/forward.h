@@ -13,14 +13,14 @@ template <typename acc_t>
 struct Workspace {
   Buffer<acc_t> a_stage, b_stage, acc;
   Buffer<acc_t> inv_a, inv_b;  // sums of squares, then inverse norms in place
-  Buffer<acc_t> out_rows;  // one offset's output rows of a band, in scalar_t
+  Buffer<acc_t> out_rows;  // the output rows of a band (one offset's or all), in scalar_t
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.a_cstride),
         b_stage(L.chunk * L.stage_cstride),
         acc(L.band_rows * L.KK * L.Wv),
         inv_a(L.band_rows * L.Wv),
         inv_b(L.rows_b * L.WB),
-        out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
+        out_rows(L.run_buffer(L.KK)) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -96,7 +96,8 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
 // inv_a[rr] (rows inv_a_rstride apart) the inverse norms of a and inv_b
 // ([rows_b][WB], 0 outside the image) those of b. `out` is the image's
 // (K*K, H, W) volume. An offset's rows of the band are one contiguous run of
-// it: computed into run_buffer, then streamed out (see stream_copy).
+// it: computed into run_buffer, then streamed out (see stream_copy); with
+// L.single_run all offsets' runs are gathered and streamed as one.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t y0, int64_t rows,
                                       const acc_t* acc, const acc_t* inv_a,
@@ -114,7 +115,7 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
         const acc_t* a_k = acc + (rr * KK + k) * Wv;
         const acc_t* inv_p = inv_a + rr * inv_a_rstride;
         const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
-        scalar_t* o = run + rr * L.W;
+        scalar_t* o = run + ((L.single_run ? k : 0) * rows + rr) * L.W;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           // Whole vectors: a row's last vector runs into the next row's
           // start, written after it (the buffer has one vector to spare for
@@ -127,9 +128,13 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
             o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
         }
       }
-      stream_copy(out + (k * L.H + y0) * L.W, run, rows * L.W * int64_t(sizeof(scalar_t)));
+      if (!L.single_run)
+        stream_copy(out + (k * L.H + y0) * L.W, run, rows * L.W * int64_t(sizeof(scalar_t)));
     }
   }
+  // Self: the offsets up to the centre, k = 0 .. KK / 2, are one run too.
+  if (L.single_run)
+    stream_copy(out, run, (self ? KK / 2 + 1 : KK) * rows * L.W * int64_t(sizeof(scalar_t)));
 }
 
 // One band of the forward pass. For a self-correlation (a is b) only the

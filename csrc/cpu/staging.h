@@ -37,6 +37,13 @@ constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
 // at most this much per operand (they stay in L2): the pass that sums the
 // squares for the norms then also stages, and the channel loop reads them.
 constexpr int64_t WHOLE_STAGE_BYTES = 512 * 1024;
+// When a band is a whole image, the runs a task writes (the forward's K*K
+// offsets, the backward's channels of a chunk) lie one after the other in the
+// result: up to this size they are gathered and streamed as one run, so that
+// only its first and last lines are partial. Non-temporal stores of partial
+// lines cost the memory controller a read of each such line; on narrow maps
+// (a 7 x 7 run is 196 bytes) every run ended in one.
+constexpr int64_t SINGLE_RUN_BYTES = 64 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
@@ -85,6 +92,7 @@ struct Layout {
   int64_t dst_cstride;    // of the backward's per-chunk sums: [band_rows][Wv]
   int64_t run_cstride;    // of its gradient runs: [band_rows * W], one vector to spare
   bool whole_stage; // the backward stages all channels of a band at once
+  bool single_run;  // a task's results are written as one run (see SINGLE_RUN_BYTES)
 
   // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
   // large windows do not re-stage the same rows many times. The forward pass
@@ -116,8 +124,14 @@ struct Layout {
     run_cstride = channel_stride<acc_t>(band_rows * W + V);
     stage_cstride = channel_stride<acc_t>(rows_b * WB);
     whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
+    single_run = bands == 1 &&
+                 std::max(KK, chunk) * H * W * int64_t(sizeof(acc_t)) <= SINGLE_RUN_BYTES;
   }
   int64_t tasks() const { return N * bands; }
+  // Elements of the buffer that gathers `runs` runs of a band before streaming.
+  int64_t run_buffer(int64_t runs) const {
+    return (single_run ? runs : 1) * band_rows * W + Simd<acc_t>::lanes;
+  }
 };
 
 // Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS

@@ -90,7 +90,7 @@ struct TemporalWorkspace {
   explicit TemporalWorkspace(const Layout<acc_t>& L)
       : staged(L),
         acc(L.band_rows * L.KK * L.Wv),
-        out_rows(L.band_rows * L.W + Simd<acc_t>::lanes) {}
+        out_rows(L.run_buffer(L.KK)) {}
 };
 
 // One band of pair t (frames t and t + s) of temporal_correlation, for
