@@ -188,7 +188,8 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
     const void* src = run;
     if (L.single_run || !std::is_same_v<scalar_t, acc_t>) {
       scalar_t* dst = gathered + (L.single_run ? cc * elements : 0);
-      for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(run[i]);
+      round_product_row(run, static_cast<const acc_t*>(nullptr),
+                        static_cast<const acc_t*>(nullptr), dst, elements);
       src = dst;
     }
     if (!L.single_run)

@@ -124,8 +124,7 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
           for (int64_t x = 0; x < L.W; x += V)
             store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
         } else {
-          for (int64_t x = 0; x < L.W; ++x)
-            o[x] = static_cast<scalar_t>(a_k[x] * inv_p[x] * inv_q[x]);
+          round_product_row(a_k, inv_p, inv_q, o, L.W);
         }
       }
       if (!L.single_run)

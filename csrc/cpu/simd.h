@@ -8,10 +8,13 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include <c10/util/Half.h>
 
 #define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
 // For lambdas in the kernels: a lambda does not take the target("avx2,fma")
@@ -66,6 +69,71 @@ STCCL_ALWAYS_INLINE void stream_copy(void* dst, const void* src, int64_t bytes) 
 #else
   std::memcpy(d, s, bytes);
 #endif
+}
+
+// float16 <-> float32 with the F16C instructions, exact as c10's conversions
+// (float16 -> float32 is exact; the other way rounds to nearest even) but a
+// vector at a time instead of bit manipulation per element. Functions of
+// their own with the F16C target, called from either build where the
+// processor has it: every x86-64 with AVX2 does.
+#if defined(__x86_64__)
+inline bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return yes;
+}
+
+__attribute__((target("avx,f16c"), noinline)) inline void f16c_to_float(const c10::Half* s,
+                                                                       float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) d[i] = _cvtsh_ss(s[i].x);
+}
+
+// d = (a * b) * c in float16; b and c may be null (then 1).
+__attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
+    const float* a, const float* b, const float* c, c10::Half* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(a + i);
+    if (b != nullptr) v = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_loadu_ps(b + i)),
+                                        _mm256_loadu_ps(c + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) {
+    const float v = b != nullptr ? a[i] * b[i] * c[i] : a[i];
+    d[i].x = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+#endif
+
+// d[i] = s[i] in the accumulation type, for a contiguous row.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void convert_row(const scalar_t* s, acc_t* d, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (has_f16c()) return f16c_to_float(s, d, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(s[i]);
+}
+
+// d[i] = (a[i] * b[i]) * c[i] rounded to scalar_t (b, c null: a[i]).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void round_product_row(const acc_t* a, const acc_t* b, const acc_t* c,
+                                           scalar_t* d, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (has_f16c()) return f16c_from_product(a, b, c, d, n);
+  }
+#endif
+  if (b == nullptr) {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(a[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(a[i] * b[i] * c[i]);
+  }
 }
 
 inline void stream_fence() {

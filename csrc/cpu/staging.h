@@ -222,11 +222,8 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
       for (int64_t c = 0; c < channels; ++c, s += sc, d += cstride) {
         if (q != nullptr) {
           if (sx == 1) {
-            for (int64_t x = 0; x < W; ++x) {
-              const acc_t v = static_cast<acc_t>(s[x]);
-              d[x] = v;
-              q[x] += v * v;
-            }
+            convert_row(s, d, W);
+            for (int64_t x = 0; x < W; ++x) q[x] += d[x] * d[x];
           } else {
             for (int64_t x = 0; x < W; ++x) {
               const acc_t v = static_cast<acc_t>(s[x * sx]);
@@ -235,7 +232,7 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
             }
           }
         } else if (sx == 1) {
-          for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x]);
+          convert_row(s, d, W);
         } else {
           for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x * sx]);
         }
