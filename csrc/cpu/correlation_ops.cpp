@@ -11,6 +11,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../entry_points.h"
 #include "../tensor_args.h"
 #include "temporal.h"
@@ -26,6 +30,23 @@ Operand<scalar_t> operand(const at::Tensor& t) {
   const int64_t readable =
       (storage_end - reinterpret_cast<const char*>(data)) / int64_t(sizeof(scalar_t));
   return {data, strides4(t), data + readable};
+}
+
+// A result of its own (output or gradient), for the kernels to write once.
+// Large ones ask the kernel for transparent huge pages (where the system
+// leaves that to madvise): a fresh allocation is faulted in page by page as
+// the kernels first write it, and with 4 KiB pages those faults, each
+// zeroing its page, cost more than the kernel on outputs of tens of MiB.
+at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE_PAGE = 2 << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), last = end & ~(HUGE_PAGE - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // The band kernels: run<AVX2> does one task (AVX2: the AVX2 build's variant
@@ -109,7 +130,7 @@ void mirror_self_correlation(scalar_t* out, int64_t N, int64_t H, int64_t W, con
 }
 
 at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bool self) {
-  auto out = at::empty(correlation_shape(a, w.kernel_size), a.options());
+  auto out = result(correlation_shape(a, w.kernel_size), a.options());
   if (out.numel() == 0) return out;
   const auto shape = dims(a);
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
@@ -137,7 +158,7 @@ at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_
     using acc_t = at::opmath_type<scalar_t>;
     Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*cover_halo=*/true);
     if (!L.whole_stage) return;
-    out = at::empty(out_shape, v.options());
+    out = result(out_shape, v.options());
     if (out.numel() == 0) return;
     const int64_t pairs = v.size(1) - frame_stride;
     L.N = v.size(0) * pairs;  // tasks: (clip, band, pair)
@@ -156,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
                                             const at::Tensor& b, const at::Tensor& out,
                                             const Window& w, bool need_a, bool need_b,
                                             bool self) {
-  at::Tensor grad_a = need_a ? at::empty(a.sizes(), a.options()) : at::Tensor();
-  at::Tensor grad_b = need_b ? at::empty(b.sizes(), b.options()) : at::Tensor();
+  at::Tensor grad_a = need_a ? result(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? result(b.sizes(), b.options()) : at::Tensor();
   if (a.numel() == 0 || (!need_a && !need_b)) return {grad_a, grad_b};
   const auto shape = dims(a);
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
@@ -178,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
 // temporal_backward_band).
 at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
                              const at::Tensor& out, const Window& w, int64_t frame_stride) {
-  auto grad = at::empty(v.sizes(), v.options());
+  auto grad = result(v.sizes(), v.options());
   if (grad.numel() == 0) return grad;
   const auto shape = dims(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
