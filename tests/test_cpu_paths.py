@@ -149,3 +149,50 @@ def test_temporal_passes_on_strided_clips(cpu_path):
     ref, (want,) = grads(lambda x: reference.temporal_correlation(x, 3), (v,), g)
     assert_close(out, ref)
     assert_close(got, want, "grad")
+
+
+OPS_AND_REFERENCES = {
+    "local": (lambda a, b, **kw: stccl_ops.local_correlation(a, b, 3, **kw),
+              lambda a, b: reference.local_correlation(a, b, 3)),
+    "self": (lambda x, **kw: stccl_ops.spatial_correlation(x, 3, **kw),
+             lambda x: reference.spatial_correlation(x, 3)),
+    "temporal": (lambda v, **kw: stccl_ops.temporal_correlation(v, 3, **kw),
+                 lambda v: reference.temporal_correlation(v, 3)),
+}
+
+
+@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["local", "self", "temporal"])
+@pytest.mark.parametrize("shape", [(3, 6, 7, 7), (2, 3, 4, 1100)],
+                         ids=["one-run", "run-per-offset"])
+def test_results_streamed_as_one_run_or_one_per_offset(cpu_path, dtype, op, shape):
+    """A band that is a whole image writes its results as one run when they fit
+    SINGLE_RUN_BYTES (7 x 7), else one run per offset and channel (4 x 1100,
+    K = 3: 9 * 4 * 1100 floats is more): both sides against the reference."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    inputs = {"local": (x, x.roll(1, 1)), "self": (x,),
+              "temporal": (torch.stack([x, x.flip(0), x.roll(1, 1)], 1),)}[op]
+    ours, theirs = OPS_AND_REFERENCES[op]
+    expected_shape = ours(*inputs, backend="reference").shape
+    grad_out = torch.randn(expected_shape, generator=g, dtype=torch.float64).to(dtype)
+    out, got = grads(lambda *t: ours(*t, backend="cpp"), tuple(map(leaf, inputs)), grad_out)
+    ref, want = grads(theirs, tuple(map(leaf, inputs)), grad_out)
+    assert_close(out, ref)
+    for mine, expected in zip(got, want):
+        assert_close(mine, expected, "grad")
+
+
+def test_large_results_on_huge_pages_match_the_reference():
+    """Results of several MiB take the madvise(MADV_HUGEPAGE) path."""
+    a = leaf(torch.randn(1, 3, 160, 160, dtype=torch.float64).float())
+    b = leaf(torch.randn(1, 3, 160, 160, dtype=torch.float64).float())
+    grad_out = torch.randn(1, 81, 160, 160)  # 8 MiB
+    out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, 9, backend="cpp"), (a, b),
+                     grad_out)
+    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 9), (leaf(a), leaf(b)),
+                      grad_out)
+    assert_close(out, ref)
+    for mine, theirs in zip(got, want):
+        assert_close(mine, theirs, "grad")
