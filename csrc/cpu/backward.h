@@ -16,6 +16,7 @@ struct BackwardWorkspace {
   Buffer<acc_t> dst;                          // [chunk] x dst_cstride
   Buffer<acc_t> runs;                         // [chunk] x run_cstride
   Buffer<acc_t> converted;  // gradient rows of a band (one channel's or a chunk's), in scalar_t
+  Buffer<acc_t> volume_rows;  // [3][Wv]: rows of grad_out and out in acc_t
   explicit BackwardWorkspace(const Layout<acc_t>& L)
       : staged(L),
         w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
@@ -23,7 +24,8 @@ struct BackwardWorkspace {
         shift_b(scale_a.size()),
         dst(L.chunk * L.dst_cstride),
         runs(L.chunk * L.run_cstride),
-        converted(L.run_buffer(L.chunk)) {}
+        converted(L.run_buffer(L.chunk)),
+        volume_rows(3 * L.Wv) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -37,6 +39,23 @@ struct BackwardArgs {
 };
 
 enum class GradMode { A, B, Self };
+
+// Elements [x_lo, x_hi) of a row of grad_out or out (x stride `stride`) in
+// acc_t: the row itself where it already is, else converted into `buffer`
+// (float16 a vector at a time, see convert_row). Indexed by x either way.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE const acc_t* row_in_acc(const scalar_t* row, int64_t stride, int64_t x_lo,
+                                            int64_t x_hi, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return row;
+  }
+  if (stride == 1) {
+    convert_row(row + x_lo, buffer + x_lo, x_hi - x_lo);
+  } else {
+    for (int64_t x = x_lo; x < x_hi; ++x) buffer[x] = static_cast<acc_t>(row[x * stride]);
+  }
+  return buffer;
+}
 
 // The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
 // scale and shift, for one band. With â = a * ra:
@@ -52,7 +71,8 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
                                           const Layout<acc_t>& L, GradMode mode, int64_t n,
                                           int64_t y0, int64_t rows, const acc_t* inv_own,
                                           const acc_t* pass_own, const acc_t* inv_other,
-                                          acc_t* w, acc_t* scale, acc_t* shift) {
+                                          acc_t* w, acc_t* scale, acc_t* shift,
+                                          acc_t* volume_rows) {
   const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv, WB = L.WB, pad = L.pad;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
   std::fill_n(w, rows * KK * Wv, acc_t(0));
@@ -70,24 +90,28 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
       if (mode == GradMode::B) {
         // The output at o = p + d_k whose offset mirror(k) points back at p.
         const int64_t km = mirror_offset(k, K);
-        const scalar_t* g = args.grad_out.row(n, km, yq) + dx * gx;
-        const scalar_t* o = args.out.row(n, km, yq) + dx * ox;
+        const acc_t* g = row_in_acc(args.grad_out.row(n, km, yq) + dx * gx, gx, x_lo, x_hi,
+                                    volume_rows);
+        const acc_t* o = row_in_acc(args.out.row(n, km, yq) + dx * ox, ox, x_lo, x_hi,
+                                    volume_rows + Wv);
         for (int64_t x = x_lo; x < x_hi; ++x) {
-          const acc_t gv = static_cast<acc_t>(g[x * gx]);
+          const acc_t gv = g[x];
           wk[x] = gv * inv_q[x];
-          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+          csum[x] += gv * o[x];
         }
       } else {
-        const scalar_t* g = args.grad_out.row(n, k, y);
-        const scalar_t* o = args.out.row(n, k, y);
-        const scalar_t* g_mirror = mode == GradMode::Self
-                                       ? args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx
-                                       : nullptr;
+        const acc_t* g = row_in_acc(args.grad_out.row(n, k, y), gx, x_lo, x_hi, volume_rows);
+        const acc_t* o = row_in_acc(args.out.row(n, k, y), ox, x_lo, x_hi, volume_rows + Wv);
+        const acc_t* g_mirror =
+            mode == GradMode::Self
+                ? row_in_acc(args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx, gx, x_lo,
+                             x_hi, volume_rows + 2 * Wv)
+                : nullptr;
         for (int64_t x = x_lo; x < x_hi; ++x) {
-          acc_t gv = static_cast<acc_t>(g[x * gx]);
-          if (g_mirror) gv += static_cast<acc_t>(g_mirror[x * gx]);
+          acc_t gv = g[x];
+          if (g_mirror) gv += g_mirror[x];
           wk[x] = gv * inv_q[x];
-          csum[x] += gv * static_cast<acc_t>(o[x * ox]);
+          csum[x] += gv * o[x];
         }
       }
     }
@@ -224,10 +248,11 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   if (args.grad_a)
     gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
                      A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data());
+                     ws.shift_a.data(), ws.volume_rows.data());
   if (args.grad_b)
     gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
-                     A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data());
+                     A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(),
+                     ws.volume_rows.data());
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);

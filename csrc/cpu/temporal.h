@@ -152,7 +152,7 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     term.out = image_view(args.out, pair_base + t);
     gradient_weights(term, L, GradMode::A, 0, y0, rows, own_band.inv.data(),
                      own_band.pass.data(), next_band->inv.data(), ws.w_a.data(),
-                     ws.scale_a.data(), ws.shift_a.data());
+                     ws.scale_a.data(), ws.shift_a.data(), ws.volume_rows.data());
   }
   if (has_prev) {
     prev = image_view(args.v, m - s);
@@ -162,7 +162,7 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     term.out = image_view(args.out, pair_base + t - s);
     gradient_weights(term, L, GradMode::B, 0, y0, rows, own_band.inv.data(),
                      own_band.pass.data(), prev_band->inv.data(), ws.w_b.data(),
-                     ws.scale_b.data(), ws.shift_b.data());
+                     ws.scale_b.data(), ws.shift_b.data(), ws.volume_rows.data());
   }
   // Both terms share the scale (the inverse norm of v_t); their shifts add up.
   acc_t* shift = ws.shift_a.data();
