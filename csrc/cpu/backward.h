@@ -199,7 +199,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 
 // Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
 // converted to scalar_t through the buffer when it is not acc_t; with
-// L.single_run the chunk's channels, one after the other in grad, are
+// L.single_gradient_run the chunk's channels, one after the other in grad, are
 // gathered in the buffer and streamed as one run.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64_t c0,
@@ -210,17 +210,17 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
   for (int64_t cc = 0; cc < count; ++cc) {
     const acc_t* run = runs + cc * L.run_cstride;
     const void* src = run;
-    if (L.single_run || !std::is_same_v<scalar_t, acc_t>) {
-      scalar_t* dst = gathered + (L.single_run ? cc * elements : 0);
+    if (L.single_gradient_run || !std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* dst = gathered + (L.single_gradient_run ? cc * elements : 0);
       round_product_row(run, static_cast<const acc_t*>(nullptr),
                         static_cast<const acc_t*>(nullptr), dst, elements);
       src = dst;
     }
-    if (!L.single_run)
+    if (!L.single_gradient_run)
       stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
                   elements * int64_t(sizeof(scalar_t)));
   }
-  if (L.single_run)
+  if (L.single_gradient_run)
     stream_copy(grad + (n * L.C + c0) * L.H * L.W, gathered,
                 count * elements * int64_t(sizeof(scalar_t)));
 }

@@ -44,6 +44,9 @@ constexpr int64_t WHOLE_STAGE_BYTES = 512 * 1024;
 // lines cost the memory controller a read of each such line; on narrow maps
 // (a 7 x 7 run is 196 bytes) every run ended in one.
 constexpr int64_t SINGLE_RUN_BYTES = 64 * 1024;
+// The backward gathers its runs with one more copy (the gradient runs are
+// computed a channel per line-aligned slot); worth it only for short runs.
+constexpr int64_t SINGLE_GRADIENT_RUN_BYTES = 512;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
@@ -93,6 +96,7 @@ struct Layout {
   int64_t run_cstride;    // of its gradient runs: [band_rows * W], one vector to spare
   bool whole_stage; // the backward stages all channels of a band at once
   bool single_run;  // a task's results are written as one run (see SINGLE_RUN_BYTES)
+  bool single_gradient_run;  // the backward's too
 
   // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
   // large windows do not re-stage the same rows many times. The forward pass
@@ -126,6 +130,8 @@ struct Layout {
     whole_stage = C * stage_cstride * int64_t(sizeof(acc_t)) <= WHOLE_STAGE_BYTES;
     single_run = bands == 1 &&
                  std::max(KK, chunk) * H * W * int64_t(sizeof(acc_t)) <= SINGLE_RUN_BYTES;
+    single_gradient_run =
+        single_run && H * W * int64_t(sizeof(acc_t)) <= SINGLE_GRADIENT_RUN_BYTES;
   }
   int64_t tasks() const { return N * bands; }
   // Elements of the buffer that gathers `runs` runs of a band before streaming.
