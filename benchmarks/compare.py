@@ -34,7 +34,8 @@ import torch
 
 import stccl_ops
 # benchmarks/ is the script's directory, so cases imports as a module
-from cases import ALL_CASES, GRID_CASES, STANDARD_CASES, make_step, sampler_available
+from cases import (ALL_CASES, GRID_CASES, PEERS, STANDARD_CASES, make_step,
+                   sampler_available)
 
 
 def synchronize(device):
@@ -174,8 +175,13 @@ def selected_cases(case_names, grid):
 
 
 def selected_runs(cases, backends):
-    return [(case, backward, backend) for case in cases
-            for backward in (False, True) for backend in backends]
+    """Our backends first, then the reference and the peers: the F.unfold peer
+    allocates gigabytes, after which the next timings on this machine ran
+    slower for a while (so it must not precede ours)."""
+    ours = [b for b in backends if b not in ("reference", *PEERS)]
+    theirs = [b for b in backends if b in ("reference", *PEERS)]
+    return [(case, backward, backend) for group in (ours, theirs) for case in cases
+            for backward in (False, True) for backend in group]
 
 
 def memory_only(device, threads, cases, backends):
@@ -210,7 +216,9 @@ def run(device, threads, cases, backends, rounds, measure_memory=True):
     bandwidth = max(r[0] for r in rates)
     flop_rate = {"float32": max(r[1] for r in rates), "float64": max(r[2] for r in rates)}
     child_peaks = measure_memory_in_child(device, threads, cases, backends) if measure_memory else None
-    for case, backward, backend in runs:
+    table_order = [(case, backward, backend) for case in cases for backward in (False, True)
+                   for backend in backends]
+    for case, backward, backend in table_order:
         if (case, backward, backend) not in times:
             continue
         ms = times[case, backward, backend]
