@@ -32,6 +32,7 @@ MODE_A, MODE_B, MODE_SELF = 0, 1, 2
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
+
 # The deterministic default configuration (used when autotuning is off) first.
 CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
