@@ -202,16 +202,16 @@ def run(device, threads, cases, backends, rounds, measure_memory=True):
     rates = [machine_rates(device)]
     rows = []
     runs = selected_runs(cases, backends)
+    steps = {key: make_step(key[0], key[2], device, key[1]) for key in runs}
     round_ms = {key: [] for key in runs}
     for r in range(rounds):
         for key in runs:
             case, backward, backend = key
-            step = make_step(case, backend, device, backward)
-            round_ms[key].append(median_ms(step, device))
-            del step
+            round_ms[key].append(median_ms(steps[key], device))
             print(f"  round {r + 1}/{rounds}: {case.name} {'fwd+bwd' if backward else 'fwd'} "
                   f"{backend} {round_ms[key][-1]:.3f} ms", file=sys.stderr, flush=True)
         rates.append(machine_rates(device))
+    del steps
     times = {key: min(medians) for key, medians in round_ms.items() if medians}
     bandwidth = max(r[0] for r in rates)
     flop_rate = {"float32": max(r[1] for r in rates), "float64": max(r[2] for r in rates)}

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from ._registrations import volume_shape
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SHAPES = {4: "(N, C, H, W)", 5: "(B, T, C, H, W)"}
 
@@ -38,6 +40,17 @@ def check_pair(fn, a, b, a_name="a", b_name="b"):
     if a.shape != b.shape:
         raise ValueError(f"stccl_ops.{fn}: {a_name} and {b_name} must have the same shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_volume(fn, name, volume, operand, kernel_size):
+    """A correlation volume of `operand` (grad_out, a saved output): shape
+    (..., K*K, H, W), the operand's dtype and device."""
+    expected = volume_shape(operand.shape, kernel_size)
+    if (tuple(volume.shape) != expected or volume.dtype != operand.dtype
+            or volume.device != operand.device):
+        raise ValueError(f"stccl_ops.{fn}: {name} must be {expected} in {operand.dtype} on "
+                         f"{operand.device}, got {tuple(volume.shape)} in {volume.dtype} on "
+                         f"{volume.device}")
 
 
 def check_int(fn, name, value, minimum=1, odd=False):

@@ -21,7 +21,7 @@ DOUBLE_BACKWARD_ERROR = (
     "stccl_ops: double backward (the gradient of a correlation's gradient) is not supported "
     "by the compiled backends; use backend='reference' for it")
 
-Window = tuple  # (kernel_size, dilation, normalize, eps)
+Window = tuple[int, int, bool, float]  # kernel_size, dilation, normalize, eps
 
 
 def _save_local(ctx: Any, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, window: Window,

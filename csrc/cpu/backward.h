@@ -212,8 +212,7 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
     const void* src = run;
     if (L.single_gradient_run || !std::is_same_v<scalar_t, acc_t>) {
       scalar_t* dst = gathered + (L.single_gradient_run ? cc * elements : 0);
-      round_product_row(run, static_cast<const acc_t*>(nullptr),
-                        static_cast<const acc_t*>(nullptr), dst, elements);
+      convert_row(run, dst, elements);
       src = dst;
     }
     if (!L.single_gradient_run)

@@ -39,7 +39,7 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 // zeroing its page, cost more than the kernel on outputs of tens of MiB.
 // Only from HUGE_PAGE_RESULT_BYTES: a huge page is zeroed whole by the first
 // thread that touches it, which serialises the threads on results of a few
-// huge pages (4 MiB gradients: forward+backward 5-30% slower).
+// huge pages (measured in docs/benchmarks.md).
 constexpr int64_t HUGE_PAGE_RESULT_BYTES = 32 << 20;
 
 at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {

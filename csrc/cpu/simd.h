@@ -30,24 +30,6 @@
 
 namespace stccl::cpu {
 
-// Copies fewer than 16 bytes in pieces of 8, 4, 2 and 1 bytes, without a call
-// to memcpy (whose call and start-up cost more than the copy when a kernel
-// writes many short runs: a 7 x 7 map's channel is 196 bytes).
-STCCL_ALWAYS_INLINE void small_copy(char* d, const char* s, int64_t bytes) {
-  for (int64_t piece = 8; piece >= 1; piece /= 2) {
-    if (bytes & piece) {
-      switch (piece) {
-        case 8: __builtin_memcpy(d, s, 8); break;
-        case 4: __builtin_memcpy(d, s, 4); break;
-        case 2: __builtin_memcpy(d, s, 2); break;
-        default: *d = *s; break;
-      }
-      d += piece;
-      s += piece;
-    }
-  }
-}
-
 // Copies `bytes` from src to dst with non-temporal stores for the 16-byte
 // aligned part of dst: outputs and gradients are written once and not read
 // back by the pass, so they go to memory without first reading each line into
@@ -60,12 +42,12 @@ STCCL_ALWAYS_INLINE void stream_copy(void* dst, const void* src, int64_t bytes) 
   const char* s = static_cast<const char*>(src);
 #if defined(__x86_64__)
   const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
-  small_copy(d, s, head);
+  std::memcpy(d, s, head);
   int64_t i = head;
   for (; i + 16 <= bytes; i += 16)
     _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-  small_copy(d + i, s + i, bytes - i);
+  std::memcpy(d + i, s + i, bytes - i);
 #else
   std::memcpy(d, s, bytes);
 #endif
@@ -91,7 +73,7 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_to_float(const c1
   for (; i < n; ++i) d[i] = _cvtsh_ss(s[i].x);
 }
 
-// d = (a * b) * c in float16; b and c may be null (then 1).
+// d = (a * b) * c in float16; b and c may be null (then d = a).
 __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
     const float* a, const float* b, const float* c, c10::Half* d, int64_t n) {
   int64_t i = 0;
@@ -109,18 +91,20 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
 }
 #endif
 
-// d[i] = s[i] in the accumulation type, for a contiguous row.
-template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void convert_row(const scalar_t* s, acc_t* d, int64_t n) {
+// d[i] = s[i] converted, for a contiguous row (float16 by F16C either way).
+template <typename S, typename D>
+STCCL_ALWAYS_INLINE void convert_row(const S* s, D* d, int64_t n) {
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+  if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<D, float>) {
     if (has_f16c()) return f16c_to_float(s, d, n);
+  } else if constexpr (std::is_same_v<S, float> && std::is_same_v<D, c10::Half>) {
+    if (has_f16c()) return f16c_from_product(s, nullptr, nullptr, d, n);
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(s[i]);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(s[i]);
 }
 
-// d[i] = (a[i] * b[i]) * c[i] rounded to scalar_t (b, c null: a[i]).
+// d[i] = (a[i] * b[i]) * c[i] rounded to scalar_t.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void round_product_row(const acc_t* a, const acc_t* b, const acc_t* c,
                                            scalar_t* d, int64_t n) {
@@ -129,11 +113,7 @@ STCCL_ALWAYS_INLINE void round_product_row(const acc_t* a, const acc_t* b, const
     if (has_f16c()) return f16c_from_product(a, b, c, d, n);
   }
 #endif
-  if (b == nullptr) {
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(a[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(a[i] * b[i] * c[i]);
-  }
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(a[i] * b[i] * c[i]);
 }
 
 inline void stream_fence() {

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._checks import check_pair, check_tensor, check_window
+from .._checks import check_pair, check_tensor, check_volume, check_window
 from .._registrations import volume_shape
 
 MODE_A, MODE_B, MODE_SELF = 0, 1, 2
@@ -244,11 +244,8 @@ def _check_args(op, window, operands, volumes=()):
     for name, t in others:
         check_pair(op, first, t, first_name, name)
     check_window(op, *window)
-    expected = volume_shape(first.shape, window[0])
     for name, t in volumes:
-        if tuple(t.shape) != expected or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(f"stccl_ops.{op}: {name} must be {expected} in {first.dtype} on "
-                             f"{first.device}, got {tuple(t.shape)} in {t.dtype} on {t.device}")
+        check_volume(op, name, t, first, window[0])
 
 
 @triton_op("stccl_ops::triton_local_correlation", mutates_args=())
