@@ -3,10 +3,13 @@ correlation volumes for Spatial-Temporal Coherent Correlation Learning.
 
 Public API: the functions below (shapes in their docstrings), the
 autograd.Function drop-ins, the nn.Modules, ``available_backends()`` and
-``build_info()``. ``stccl_ops.reference`` holds the pure-PyTorch specification.
+``build_info()``. ``stccl_ops.reference`` holds the pure-PyTorch specification;
+``stccl_ops.compat`` the drop-ins for spatial-correlation-sampler and mmcv's
+Correlation.
 """
 
 from . import _registrations, reference  # noqa: F401 (registers fake kernels and autocast)
+from . import compat  # noqa: F401 (drop-ins for spatial-correlation-sampler and mmcv)
 from ._backends import available_backends
 from ._extension import build_info
 from .autograd import LocalCorrelationFunction, SelfCorrelationFunction
@@ -41,6 +44,7 @@ __all__ = [
     "TemporalCorrelation",
     "available_backends",
     "build_info",
+    "compat",
     "local_correlation",
     "reference",
     "spatial_correlation",
