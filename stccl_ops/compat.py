@@ -27,8 +27,11 @@ What each setting costs:
   odd square window that holds every shift (at the greatest common divisor of
   the dilations), of which the wanted shifts are a view: K'^2 / (patchH *
   patchW) times the work;
-- padding: a zero-padded copy of the volume; stride: the volume at every
-  pixel, then subsampled (stride^2 times the work of the kept pixels);
+- an output stride with a single-pixel kernel, no padding and patch
+  dilations that are multiples of the stride (FlowNetC's stride 2 over shifts
+  of 2): the inputs' kept pixels only, as strided views;
+- padding: a zero-padded copy of the volume; any other stride: the volume at
+  every pixel, then subsampled (stride^2 times the work of the kept pixels);
 - a kernel of more than one pixel: a box sum of the volume (a depthwise
   ``conv2d`` of ones, in float32 for the half types).
 
@@ -96,6 +99,16 @@ def _sample(fn: str, input1: torch.Tensor, input2: torch.Tensor, kernel_size: In
     N, _, H, W = input1.shape
     oH = _output_size(fn, "H", H, kH, dH, padH, sH)
     oW = _output_size(fn, "W", W, kW, dW, padW, sW)
+    # An output stride along an axis with a single-pixel kernel, no padding
+    # and every shift a multiple of the stride (FlowNetC: shifts of 2, stride
+    # 2) reads both inputs on the kept pixels only: strided views, no copy.
+    if kH == 1 and padH == 0 and sH > 1 and (pH == 1 or dpH % sH == 0):
+        input1, input2 = input1[:, :, ::sH], input2[:, :, ::sH]
+        dpH, sH = max(1, dpH // sH), 1
+    if kW == 1 and padW == 0 and sW > 1 and (pW == 1 or dpW % sW == 0):
+        input1, input2 = input1[..., ::sW], input2[..., ::sW]
+        dpW, sW = max(1, dpW // sW), 1
+    H, W = input1.shape[-2:]
 
     # The single-pixel volume over a square window holding every shift: at
     # the gcd of the patch dilations of the axes that have shifts.

@@ -91,6 +91,7 @@ def test_random_configurations_float64_and_float32(seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", [
     dict(patch_size=5, dilation_patch=2),                        # the common setting
+    dict(patch_size=(5, 3), dilation_patch=(2, 3), stride=(2, 3)),  # the kept pixels only
     dict(patch_size=(4, 3), dilation_patch=(2, 3)),              # even, rectangular, two dilations
     dict(kernel_size=(3, 2), patch_size=3, stride=2, padding=1, dilation=2),
     dict(kernel_size=1, patch_size=3, stride=(2, 3), padding=(2, 1)),
@@ -140,6 +141,16 @@ def test_common_setting_is_the_kernel_and_a_view():
     assert log.ops == ["stccl_ops.local_correlation", "aten.view"], log.ops
     assert out.shape == (2, 7, 7, 12, 10)
     torch.testing.assert_close(out, sampler_semantics(a, b, patch_size=7, dilation_patch=2).float())
+
+
+def test_output_stride_over_shifts_of_its_multiple_reads_kept_pixels_only():
+    a, b = torch.randn(2, 16, 12, 11), torch.randn(2, 16, 12, 11)
+    cfg = dict(patch_size=5, dilation_patch=2, stride=2)
+    with OpLog() as log:
+        out = compat.spatial_correlation_sample(a, b, backend="cpp", **cfg)
+    assert log.ops == ["aten.slice"] * 4 + ["stccl_ops.local_correlation", "aten.view"], log.ops
+    assert out.shape == (2, 5, 5, 6, 6)
+    torch.testing.assert_close(out, sampler_semantics(a, b, **cfg).float())
 
 
 def test_modules():
