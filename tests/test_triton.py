@@ -185,22 +185,28 @@ def compile_one(fn, dtype, cc, consts, num_warps, ints="i32"):
             "regs": int(usage["REG"]), "local": int(usage["LOCAL"]), "stack": int(usage["STACK"]),
             "shared": k.metadata.shared}
 
+# Every offset group size the forward takes (K = 1, 3, 5, >= 7) and its tiles.
+FORWARD_CONFIGS = [cfg for K in (1, 3, 5, 7) for cfg in m.forward_configs(m.forward_block_k(K))]
 results = []
 for cc in (80, 90):
     for dtype in PTR:
+        for cfg in FORWARD_CONFIGS:
+            for normalize in (True, False):
+                results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc,
+                                           dict(cfg.kwargs, NORMALIZE=normalize), cfg.num_warps))
         for cfg in m.CONFIGS:
             for normalize in (True, False):
-                consts = dict(cfg.kwargs, NORMALIZE=normalize)
-                results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc, consts, cfg.num_warps))
                 for mode in (m.MODE_A, m.MODE_B, m.MODE_SELF):
                     results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
-                                               dict(consts, MODE=mode), cfg.num_warps))
+                                               dict(cfg.kwargs, NORMALIZE=normalize, MODE=mode),
+                                               cfg.num_warps))
         results.append(compile_one(m._inverse_norm_kernel, dtype, cc,
                                    {"BLOCK_P": 128, "BLOCK_C": 16}, 4))
         # sizes or strides past 2^31: the JIT passes them as 64-bit integers
-        cfg = m.CONFIGS[0]
+        cfg = FORWARD_CONFIGS[0]
         results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc,
                                    dict(cfg.kwargs, NORMALIZE=True), cfg.num_warps, "i64"))
+        cfg = m.CONFIGS[0]
         results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
                                    dict(cfg.kwargs, NORMALIZE=True, MODE=m.MODE_SELF),
                                    cfg.num_warps, "i64"))
@@ -219,7 +225,9 @@ def test_ahead_of_time_compile_for_sm80_and_sm90():
                          env=env, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 4 * (len(stccl_ops.triton.kernels.CONFIGS) * 2 * 4 + 3)
+    m = stccl_ops.triton.kernels
+    forward = sum(len(m.forward_configs(m.forward_block_k(K))) for K in (1, 3, 5, 7))
+    assert len(results) == 2 * 4 * (forward * 2 + len(m.CONFIGS) * 2 * 3 + 3)
     for r in results:
         assert r["local"] == 0, f"spills: {r}"
         # 64-bit sizes turn the pixel divisions into calls, which take a stack

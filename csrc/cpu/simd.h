@@ -94,6 +94,10 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
 // d[i] = s[i] converted, for a contiguous row (float16 by F16C either way).
 template <typename S, typename D>
 STCCL_ALWAYS_INLINE void convert_row(const S* s, D* d, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(d, s, n * sizeof(S));
+    return;
+  }
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<D, float>) {
     if (has_f16c()) return f16c_to_float(s, d, n);

@@ -204,8 +204,7 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
   for (int64_t cc = 0; cc < count;) {
     // Channels in pairs where the rows take the vector path (see
     // stage_row_vectors).
-    const int64_t channels =
-        (std::is_same_v<scalar_t, acc_t> && sx == 1 && cc + 1 < count) ? 2 : 1;
+    const int64_t channels = (sx == 1 && cc + 1 < count) ? 2 : 1;
     const scalar_t* channel = image + (c0 + cc) * sc;
     for (int64_t c = 0; c < channels; ++c)
       prefetch_ahead(src, L, c0 + cc + c, channel + c * sc, y_first, rows);
@@ -218,29 +217,28 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
         continue;
       }
       const scalar_t* s = channel + y * src.strides.y;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (sx == 1 && src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv) {
-          if (channels == 2) stage_row_vectors<2>(s, sc, W, d, cstride, q);
-          else stage_row_vectors<1>(s, sc, W, d, cstride, q);
-          continue;
+      if (sx == 1) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv) {
+            if (channels == 2) stage_row_vectors<2>(s, sc, W, d, cstride, q);
+            else stage_row_vectors<1>(s, sc, W, d, cstride, q);
+            continue;
+          }
         }
+        // Converted (or copied) into place, then the squares by the vector
+        // pass over the staged rows.
+        for (int64_t c = 0; c < channels; ++c) convert_row(s + c * sc, d + c * cstride, W);
+        if (q != nullptr) {
+          if (channels == 2) stage_row_vectors<2>(d, cstride, W, d, cstride, q);
+          else stage_row_vectors<1>(d, cstride, W, d, cstride, q);
+        }
+        continue;
       }
       for (int64_t c = 0; c < channels; ++c, s += sc, d += cstride) {
-        if (q != nullptr) {
-          if (sx == 1) {
-            convert_row(s, d, W);
-            for (int64_t x = 0; x < W; ++x) q[x] += d[x] * d[x];
-          } else {
-            for (int64_t x = 0; x < W; ++x) {
-              const acc_t v = static_cast<acc_t>(s[x * sx]);
-              d[x] = v;
-              q[x] += v * v;
-            }
-          }
-        } else if (sx == 1) {
-          convert_row(s, d, W);
-        } else {
-          for (int64_t x = 0; x < W; ++x) d[x] = static_cast<acc_t>(s[x * sx]);
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t v = static_cast<acc_t>(s[x * sx]);
+          d[x] = v;
+          if (q != nullptr) q[x] += v * v;
         }
       }
     }
