@@ -1,6 +1,16 @@
 """Memory traffic of the GPU kernels, counted without a GPU.
 
-    python benchmarks/memory_traffic.py [--backend cuda_emulated] [--json PATH]
+    python benchmarks/memory_traffic.py [--backend triton|cuda_emulated] [--json PATH]
+
+Without --backend, every backend it can count, one after the other. The
+summary table has one row per (backend, case, layout, pass): the bytes of the
+32-byte sectors the kernels' loads and stores request, against the floor
+bytes (inputs read once and the output written once; backward: inputs and
+grad_out read once, gradients written).
+
+triton: the Triton kernels run in Triton's interpreter with
+stccl_ops.triton.traffic counting, per load or store a program executes, the
+distinct sectors its addresses touch.
 
 cuda_emulated: the CUDA kernels run under the emulator's counting build
 (stccl_ops._cuda_emulation, variant "count"): every global and shared access
@@ -98,13 +108,43 @@ def table(results):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="cuda_emulated", choices=["cuda_emulated"])
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
-                                                       "memory_traffic.json"))
-    args = parser.parse_args()
-    if "STCCL_CUDA_EMULATED_LIBRARY" not in os.environ:
+def measure_triton(case, layout):
+    from stccl_ops.triton.traffic import count_requests
+
+    results = []
+    for backward in (False, True):
+        inputs = make_inputs(case, requires_grad=backward)
+        if layout == "channels_last":
+            inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
+                           .requires_grad_(backward) for t in inputs)
+        with count_requests() as launches:
+            out = run_case(case, inputs, "triton")
+        if backward:
+            with count_requests() as launches:
+                torch.autograd.grad(out, inputs, torch.randn_like(out))
+        results.append({"backend": "triton", "case": case.name, "K": case.K, "layout": layout,
+                        "pass": "backward" if backward else "forward",
+                        "requested_bytes": sum(l["requested_bytes"] for l in launches),
+                        "floor_bytes": case.floor_bytes(backward), "launches": launches})
+    return results
+
+
+def summary(rows):
+    lines = ["| backend | case | K | layout | pass | requested bytes | floor bytes | x floor |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['case']} | {r['K']} | {r['layout']} | {r['pass']} | "
+                     f"{r['requested_bytes']} | {r['floor_bytes']} | "
+                     f"{r['requested_bytes'] / r['floor_bytes']:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_backend(backend):
+    """Rows of one backend, each measured in a process of its own set up for it."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+    if backend == "cuda_emulated" and "STCCL_CUDA_EMULATED_LIBRARY" not in os.environ:
         # Re-run this script on the counting build (it must be loaded at import).
         from stccl_ops import _cuda_emulation
 
@@ -114,16 +154,44 @@ def main():
 
     import stccl_ops
 
+    if backend == "triton":
+        return [r for case in scaled_cases() for layout in LAYOUTS
+                for r in measure_triton(case, layout)]
     module = stccl_ops._extension._C_cuda_emulated
     if module is None or not module.info()["counts_memory_traffic"]:
         sys.exit("memory_traffic.py: STCCL_CUDA_EMULATED_LIBRARY is not a counting build")
     results = [r for case in scaled_cases() for layout in LAYOUTS
                for r in measure(module, case, layout)]
     print(table(results))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    return [dict(r, backend="cuda_emulated", K=case.K, requested_bytes=r["sector_bytes"])
+            for case in scaled_cases() for r in results if r["case"] == case.name]
+
+
+BACKENDS = ("triton", "cuda_emulated")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS)
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                       "memory_traffic.json"))
+    args = parser.parse_args()
+    if args.backend is None:  # each backend in a child of its own, then one table
+        rows = []
+        for backend in BACKENDS:
+            path = f"{args.json}.{backend}"
+            code = subprocess.call([sys.executable, __file__, "--backend", backend, "--json", path])
+            if code:
+                sys.exit(code)
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+            os.remove(path)
+    else:
+        rows = run_backend(args.backend)
+    print(summary(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"backend": args.backend, "torch": torch.__version__, "results": results}, f,
-                  indent=1)
+        json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"\nwritten: {args.json}")
 
 

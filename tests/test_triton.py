@@ -185,8 +185,12 @@ def compile_one(fn, dtype, cc, consts, num_warps, ints="i32"):
             "regs": int(usage["REG"]), "local": int(usage["LOCAL"]), "stack": int(usage["STACK"]),
             "shared": k.metadata.shared}
 
-# Every offset group size the forward takes (K = 1, 3, 5, >= 7) and its tiles.
-FORWARD_CONFIGS = [cfg for K in (1, 3, 5, 7) for cfg in m.forward_configs(m.forward_block_k(K))]
+# Every offset group size the kernels take (K = 1, 3, 5, >= 7) and its tiles.
+def configs(of_window):
+    unique = {str(cfg): cfg for K in (1, 3, 5, 7) for cfg in of_window(K)}
+    return list(unique.values())
+
+FORWARD_CONFIGS, BACKWARD_CONFIGS = configs(m.forward_configs), configs(m.backward_configs)
 results = []
 for cc in (80, 90):
     for dtype in PTR:
@@ -194,7 +198,7 @@ for cc in (80, 90):
             for normalize in (True, False):
                 results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc,
                                            dict(cfg.kwargs, NORMALIZE=normalize), cfg.num_warps))
-        for cfg in m.CONFIGS:
+        for cfg in BACKWARD_CONFIGS:
             for normalize in (True, False):
                 for mode in (m.MODE_A, m.MODE_B, m.MODE_SELF):
                     results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
@@ -206,7 +210,7 @@ for cc in (80, 90):
         cfg = FORWARD_CONFIGS[0]
         results.append(compile_one(m._local_correlation_fwd_kernel, dtype, cc,
                                    dict(cfg.kwargs, NORMALIZE=True), cfg.num_warps, "i64"))
-        cfg = m.CONFIGS[0]
+        cfg = BACKWARD_CONFIGS[0]
         results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
                                    dict(cfg.kwargs, NORMALIZE=True, MODE=m.MODE_SELF),
                                    cfg.num_warps, "i64"))
@@ -226,8 +230,12 @@ def test_ahead_of_time_compile_for_sm80_and_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     m = stccl_ops.triton.kernels
-    forward = sum(len(m.forward_configs(m.forward_block_k(K))) for K in (1, 3, 5, 7))
-    assert len(results) == 2 * 4 * (forward * 2 + len(m.CONFIGS) * 2 * 3 + 3)
+
+    def count(of_window):
+        return len({str(cfg) for K in (1, 3, 5, 7) for cfg in of_window(K)})
+
+    forward, backward = count(m.forward_configs), count(m.backward_configs)
+    assert len(results) == 2 * 4 * (forward * 2 + backward * 2 * 3 + 3)
     for r in results:
         assert r["local"] == 0, f"spills: {r}"
         # 64-bit sizes turn the pixel divisions into calls, which take a stack

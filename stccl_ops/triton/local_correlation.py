@@ -1,17 +1,22 @@
 """Triton kernels of the local correlation, forward and backward, and their
 registration as torch.library triton ops (traceable by torch.compile).
 
-Tiling: a program handles BLOCK_P pixels of one image (flattened y*W + x) and
+Tiling: a program handles a TILE_H x TILE_W tile of one image's pixels and
 walks the channels in blocks of BLOCK_C, accumulating in float32 (float64 for
 float64 inputs).
-- forward: one program per (pixel block, offset k, image). It loads the a and
-  the shifted b tile per channel block and reduces over channels; the
-  inverse norms come from a tiny pre-pass (one float per pixel), never a
-  normalized copy of the inputs.
-- backward: one program per (pixel block, channel block, image). It walks the
-  K*K offsets, computes each neighbour's weight from grad_out, the saved output
-  and the norms (the formulas of the C++ kernels), and gathers weight x
-  neighbour into its own gradient tile: no atomics, deterministic.
+- forward: one program per (tile, group of BLOCK_K offsets, image); all K*K
+  offsets in one group up to K = 7. Per channel block it loads the a tile
+  once and the b tile with its halo once (one load of BLOCK_C x BLOCK_K x
+  tile addresses), and keeps the BLOCK_K x tile sums in registers; the
+  inverse norms come from sums of squares of the same loads.
+- backward: one program per (tile, channel block, image). It walks the K*K
+  offsets in groups, computes each neighbour's weight from grad_out, the
+  saved output and the norms (the formulas of the C++ kernels; the norms from
+  a tiny pre-pass, one float per pixel), and gathers weight x neighbour into
+  its own gradient tile, each group's neighbours one load: no atomics,
+  deterministic.
+The loads' requested bytes are counted under the interpreter
+(stccl_ops.triton.traffic, benchmarks/memory_traffic.py).
 Operands are read in place through their strides (4-D maps or 5-D clip views);
 offsets are computed in 64 bits.
 """
@@ -33,34 +38,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# The backward's tiles; the deterministic default configuration (used when
-# autotuning is off) first.
-CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 16}, num_warps=4),
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=8),
-    triton.Config({"BLOCK_P": 256, "BLOCK_C": 8}, num_warps=8),
-]
-
 # The forward's pixel tiles (TILE_H x TILE_W), default first. A program takes
-# BLOCK_K offsets (all K*K up to MAX_BLOCK_K; larger windows in groups of it)
-# and keeps BLOCK_K x tile sums in registers: at most ACCUMULATORS of them
-# (more spill on sm_80/sm_90 at 8 warps, and 16 warps cap a thread at 128
-# registers); BLOCK_C, the channels per step, fills B_ELEMENTS values of b
-# (BLOCK_C x BLOCK_K x tile) loaded at once.
-FORWARD_TILES = [(8, 16), (16, 16), (4, 32), (8, 8)]
+# BLOCK_K offsets (all K*K up to 64; larger windows in groups of 64) and keeps
+# BLOCK_K x tile sums in registers: at most ACCUMULATORS of them (more spill
+# on sm_80/sm_90 at 8 warps, and 16 warps cap a thread at 128 registers).
+# BLOCK_C, the channels per step, fills B_ELEMENTS values of b (BLOCK_C x
+# BLOCK_K x tile) loaded at once.
+TILES = [(8, 16), (16, 16), (4, 32), (8, 8)]
 ACCUMULATORS, B_ELEMENTS = 4096, 8192
 MAX_BLOCK_K = 64
+# The backward's: 8 x 8 pixels, 16 channels, offsets in groups of 8 (at least
+# 2). Each group's grad_out, out and norms are loaded once per channel block,
+# so wide channel blocks read them fewer times; of the tiles and groups
+# counted this requested the fewest bytes (docs/triton_kernels.md), and the
+# others compiled with a stack frame for some dtype or mode.
+BACKWARD_TILE, BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = (8, 8), 16, 8
 
 
-def forward_block_k(kernel_size: int) -> int:
-    return min(MAX_BLOCK_K, triton.next_power_of_2(kernel_size * kernel_size))
+def forward_configs(kernel_size: int) -> list:
+    block = min(MAX_BLOCK_K, triton.next_power_of_2(kernel_size * kernel_size))
+    return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block,
+                           "BLOCK_C": max(1, B_ELEMENTS // (block * th * tw))}, num_warps=8)
+            for th, tw in TILES if block * th * tw <= ACCUMULATORS]
 
 
-def forward_configs(block_k: int) -> list:
-    return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block_k,
-                           "BLOCK_C": max(1, B_ELEMENTS // (block_k * th * tw))}, num_warps=8)
-            for th, tw in FORWARD_TILES if block_k * th * tw <= ACCUMULATORS]
+def backward_configs(kernel_size: int) -> list:
+    block = max(2, min(BACKWARD_BLOCK_K, triton.next_power_of_2(kernel_size * kernel_size)))
+    th, tw = BACKWARD_TILE
+    return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block,
+                           "BLOCK_C": BACKWARD_BLOCK_C}, num_warps=8)]
 
 
 @triton.jit
@@ -156,56 +162,67 @@ def _local_correlation_bwd_kernel(
         o_inner, o_outer, o_batch, o_sc, o_sy, o_sx,
         x_inner, x_outer, x_batch, x_sc, x_sy, x_sx,
         y_inner, y_outer, y_batch, y_sc, y_sy, y_sx,
-        MODE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        MODE: tl.constexpr, NORMALIZE: tl.constexpr, TILE_H: tl.constexpr,
+        TILE_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr):
     """grad[c, p] = scale_p * sum_k w[k, p] other[c, p + d_k] - shift_p own[c, p]:
     MODE_A (grad of a): w = g[p, k] rb_q; MODE_B (grad of b): w = g[q, mirror(k)] ra_q;
-    MODE_SELF: w = (g[p, k] + g[q, mirror(k)]) r_q; shift = pass_p r_p^2 sum_k G out."""
-    pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    MODE_SELF: w = (g[p, k] + g[q, mirror(k)]) r_q; shift = pass_p r_p^2 sum_k G out.
+    A program: a TILE_H x TILE_W tile of pixels and BLOCK_C channels; the
+    offsets in groups of BLOCK_K, each group's neighbours of the tile one load
+    (the other operand's tile with its halo)."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hw = H * W
     kk = K * K
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < hw
-    y, x = p // W, p % W
+    tiles_w = tl.cdiv(W, TILE_W)
+    i = tl.arange(0, TILE_H * TILE_W)
+    y = (pid_t // tiles_w) * TILE_H + i // TILE_W
+    x = (pid_t % tiles_w) * TILE_W + i % TILE_W
+    p_ok = (y < H) & (x < W)
+    y64, x64 = y.to(tl.int64), x.to(tl.int64)
     c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = c < C
     g_img = _image_offset(n, g_inner, g_outer, g_batch)
     o_img = _image_offset(n, o_inner, o_outer, o_batch)
     x_img = _image_offset(n, x_inner, x_outer, x_batch)
     base = n.to(tl.int64) * hw
-    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    csum = tl.zeros([BLOCK_P], dtype=ACC)
-    for k in range(0, kk):
-        yq = y + (k // K - K // 2) * dilation
-        xq = x + (k % K - K // 2) * dilation
-        q_ok = p_ok & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+    total = tl.zeros([BLOCK_C, TILE_H * TILE_W], dtype=ACC)
+    csum = tl.zeros([TILE_H * TILE_W], dtype=ACC)
+    for k0 in range(0, kk, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        yq = y[None, :] + (k // K - K // 2)[:, None] * dilation
+        xq = x[None, :] + (k % K - K // 2)[:, None] * dilation
+        q_ok = (k < kk)[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
         yq64, xq64 = yq.to(tl.int64), xq.to(tl.int64)
+        mirror = (kk - 1 - k).to(tl.int64)[:, None]
         if MODE == 1:  # the output at q whose mirrored offset points back at p
-            g_at = g_img + (kk - 1 - k) * g_sc + yq64 * g_sy + xq64 * g_sx
-            o_at = o_img + (kk - 1 - k) * o_sc + yq64 * o_sy + xq64 * o_sx
+            g_at = g_img + mirror * g_sc + yq64 * g_sy + xq64 * g_sx
+            o_at = o_img + mirror * o_sc + yq64 * o_sy + xq64 * o_sx
         else:
-            g_at = g_img + k * g_sc + y.to(tl.int64) * g_sy + x.to(tl.int64) * g_sx
-            o_at = o_img + k * o_sc + y.to(tl.int64) * o_sy + x.to(tl.int64) * o_sx
+            g_at = g_img + k.to(tl.int64)[:, None] * g_sc + (y64 * g_sy + x64 * g_sx)[None, :]
+            o_at = o_img + k.to(tl.int64)[:, None] * o_sc + (y64 * o_sy + x64 * o_sx)[None, :]
         gv = tl.load(grad_out_ptr + g_at, mask=q_ok, other=0.0).to(ACC)
         if MODE == 2:
-            g_mirror = g_img + (kk - 1 - k) * g_sc + yq64 * g_sy + xq64 * g_sx
+            g_mirror = g_img + mirror * g_sc + yq64 * g_sy + xq64 * g_sx
             gv += tl.load(grad_out_ptr + g_mirror, mask=q_ok, other=0.0).to(ACC)
-        csum += gv * tl.load(out_ptr + o_at, mask=q_ok, other=0.0).to(ACC)
+        csum += tl.sum(gv * tl.load(out_ptr + o_at, mask=q_ok, other=0.0).to(ACC), axis=0)
         w = gv
         if NORMALIZE:
             w = gv * tl.load(inv_other_ptr + base + yq * W + xq, mask=q_ok, other=0.0)
-        xv = tl.load(other_ptr + x_img + c[:, None] * x_sc + (yq64 * x_sy + xq64 * x_sx)[None, :],
-                     mask=c_ok[:, None] & q_ok[None, :], other=0.0).to(ACC)
-        total += w[None, :] * xv
+        # Offsets leading: a reduction over the last axes took a stack frame.
+        xv = tl.load(other_ptr + x_img + (yq64 * x_sy + xq64 * x_sx)[:, None, :]
+                     + c[None, :, None] * x_sc,
+                     mask=q_ok[:, None, :] & c_ok[None, :, None], other=0.0).to(ACC)
+        total += tl.sum(w[:, None, :] * xv, axis=0)
     own_at = (_image_offset(n, y_inner, y_outer, y_batch) + c[:, None] * y_sc
-              + (y.to(tl.int64) * y_sy + x.to(tl.int64) * y_sx)[None, :])
+              + (y64 * y_sy + x64 * y_sx)[None, :])
     tile_ok = c_ok[:, None] & p_ok[None, :]
     if NORMALIZE:
-        inv = tl.load(inv_own_ptr + base + p, mask=p_ok, other=0.0)
-        shift = tl.load(pass_own_ptr + base + p, mask=p_ok, other=0.0) * inv * inv * csum
+        inv = tl.load(inv_own_ptr + base + y * W + x, mask=p_ok, other=0.0)
+        shift = tl.load(pass_own_ptr + base + y * W + x, mask=p_ok, other=0.0) * inv * inv * csum
         own = tl.load(own_ptr + own_at, mask=tile_ok, other=0.0).to(ACC)
         total = inv[None, :] * total - shift[None, :] * own
-    dst = (n.to(tl.int64) * C + c[:, None]) * hw + p[None, :]
+    dst = (n.to(tl.int64) * C + c[:, None]) * hw + (y * W + x)[None, :]
     tl.store(grad_ptr + dst, total.to(grad_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -221,7 +238,7 @@ def autotune_enabled():
 _TUNED = {}
 
 
-def _kernel(fn, configs=CONFIGS):
+def _kernel(fn, configs):
     """(kernel, launch kwargs): autotuned over `configs` keyed on the shape, or
     fn with the first (default) configuration."""
     if not autotune_enabled():
@@ -297,8 +314,7 @@ def triton_local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int,
         return out
     eps_acc = torch.full((1,), eps, dtype=torch.float64 if a.dtype == torch.float64
                          else torch.float32, device=a.device)
-    kernel, launch = _kernel(_local_correlation_fwd_kernel,
-                             forward_configs(forward_block_k(kernel_size)))
+    kernel, launch = _kernel(_local_correlation_fwd_kernel, forward_configs(kernel_size))
     grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
                          triton.cdiv(kernel_size ** 2, meta["BLOCK_K"]), N)
     wrap_triton(kernel)[grid](
@@ -314,8 +330,8 @@ def _gradient(grad_out, out, other, own, norms_own, inv_other, mode, kernel_size
     if grad.numel() == 0:
         return grad
     inv_own, pass_own = norms_own if normalize else (grad, grad)
-    kernel, launch = _kernel(_local_correlation_bwd_kernel)
-    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]),  # noqa: E731
+    kernel, launch = _kernel(_local_correlation_bwd_kernel, backward_configs(kernel_size))
+    grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
                          triton.cdiv(C, meta["BLOCK_C"]), N)
     wrap_triton(kernel)[grid](
         grad_out, out, other, own, inv_own, pass_own, inv_other if normalize else grad, grad,
