@@ -103,13 +103,14 @@ def _inverse_norm_kernel(x_ptr, inv_ptr, pass_ptr, C, H, W, inner, outer, batch,
 
 @triton.jit
 def _local_correlation_fwd_kernel(
-        a_ptr, b_ptr, out_ptr, eps_ptr, C, H, W, K, dilation,
+        a_ptr, b_ptr, out_ptr, eps_ptr, C, H, W, K, dilation, offsets,
         a_inner, a_outer, a_batch, a_sc, a_sy, a_sx,
         b_inner, b_outer, b_batch, b_sc, b_sy, b_sx,
         NORMALIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """out[n, k, p] for a TILE_H x TILE_W tile of pixels p and BLOCK_K
-    consecutive offsets k: per channel block, the a tile and the b tile with
+    consecutive offsets k < `offsets` (K*K; a self-correlation's up to the
+    centre, K*K // 2 + 1, the rest mirrored afterwards): per channel block, the a tile and the b tile with
     its halo are each one load, and the BLOCK_K x tile sums stay in registers.
     The norms come from sums of squares of the same loads: twice the
     multiply-adds of the products for b, but no pre-pass reading both inputs
@@ -124,7 +125,7 @@ def _local_correlation_fwd_kernel(
     x = (pid_t % tiles_w) * TILE_W + i % TILE_W
     p_ok = (y < H) & (x < W)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < kk
+    k_ok = k < offsets
     yq = y[None, :] + (k // K - K // 2)[:, None] * dilation
     xq = x[None, :] + (k % K - K // 2)[:, None] * dilation
     q_ok = k_ok[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
@@ -152,6 +153,25 @@ def _local_correlation_fwd_kernel(
     acc = tl.where(q_ok, acc, 0.0)
     dst = (n.to(tl.int64) * kk + k[:, None]) * hw + (y * W + x)[None, :]
     tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _mirror_kernel(out_ptr, H, W, K, dilation, BLOCK_P: tl.constexpr):
+    """A self-correlation's offsets past the centre from those up to it:
+    out[n, k, p] = out[n, mirror(k), p + d_k] (0 where p + d_k is outside)."""
+    pid, j, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    kk = K * K
+    k = kk // 2 + 1 + j
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    y, x = p // W, p % W
+    yq = y + (k // K - K // 2) * dilation
+    xq = x + (k % K - K // 2) * dilation
+    q_ok = (p < hw) & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+    image = n.to(tl.int64) * kk * hw
+    value = tl.load(out_ptr + image + (kk - 1 - k).to(tl.int64) * hw + yq * W + xq, mask=q_ok,
+                    other=0.0)
+    tl.store(out_ptr + image + k.to(tl.int64) * hw + p, value, mask=p < hw)
 
 
 @triton.jit
@@ -303,24 +323,33 @@ def _check_args(op, window, operands, volumes=()):
         check_volume(op, name, t, first, window[0])
 
 
+def _forward(a, b, kernel_size, dilation, normalize, eps, self_correlation=False):
+    out = a.new_empty(volume_shape(a.shape, kernel_size))
+    N, C, H, W = dims(a)
+    if out.numel() == 0:
+        return out
+    kk = kernel_size ** 2
+    offsets = kk // 2 + 1 if self_correlation else kk
+    eps_acc = torch.full((1,), eps, dtype=torch.float64 if a.dtype == torch.float64
+                         else torch.float32, device=a.device)
+    kernel, launch = _kernel(_local_correlation_fwd_kernel, forward_configs(kernel_size))
+    grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
+                         triton.cdiv(offsets, meta["BLOCK_K"]), N)
+    wrap_triton(kernel)[grid](
+        a, b, out, eps_acc, C, H, W, kernel_size, dilation, offsets, *strides6(a), *strides6(b),
+        NORMALIZE=normalize, ACC=acc_dtype(a.dtype), **launch)
+    if self_correlation and kk > 1:
+        wrap_triton(_mirror_kernel)[(triton.cdiv(H * W, 256), kk - offsets, N)](
+            out, H, W, kernel_size, dilation, BLOCK_P=256)
+    return out
+
+
 @triton_op("stccl_ops::triton_local_correlation", mutates_args=())
 def triton_local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int, dilation: int,
                              normalize: bool, eps: float) -> torch.Tensor:
     _check_args("triton_local_correlation", (kernel_size, dilation, normalize, eps),
                 [("a", a), ("b", b)])
-    out = a.new_empty(volume_shape(a.shape, kernel_size))
-    N, C, H, W = dims(a)
-    if out.numel() == 0:
-        return out
-    eps_acc = torch.full((1,), eps, dtype=torch.float64 if a.dtype == torch.float64
-                         else torch.float32, device=a.device)
-    kernel, launch = _kernel(_local_correlation_fwd_kernel, forward_configs(kernel_size))
-    grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
-                         triton.cdiv(kernel_size ** 2, meta["BLOCK_K"]), N)
-    wrap_triton(kernel)[grid](
-        a, b, out, eps_acc, C, H, W, kernel_size, dilation, *strides6(a), *strides6(b),
-        NORMALIZE=normalize, ACC=acc_dtype(a.dtype), **launch)
-    return out
+    return _forward(a, b, kernel_size, dilation, normalize, eps)
 
 
 def _gradient(grad_out, out, other, own, norms_own, inv_other, mode, kernel_size, dilation,
@@ -365,7 +394,7 @@ def triton_local_correlation_backward(grad_out: torch.Tensor, a: torch.Tensor, b
 def triton_self_correlation(x: torch.Tensor, kernel_size: int, dilation: int, normalize: bool,
                             eps: float) -> torch.Tensor:
     _check_args("triton_self_correlation", (kernel_size, dilation, normalize, eps), [("x", x)])
-    return triton_local_correlation(x, x, kernel_size, dilation, normalize, eps)
+    return _forward(x, x, kernel_size, dilation, normalize, eps, self_correlation=True)
 
 
 @triton_op("stccl_ops::triton_self_correlation_backward", mutates_args=())
