@@ -263,3 +263,31 @@ def test_float64_eps_reaches_the_kernels_exactly():
     _, want = grads(lambda x, y: reference.local_correlation(x, y, 3), (a, b), g)
     for actual, expected in zip(got, want):
         assert_close(actual, expected, "grad")
+
+
+@INTERPRETED
+def test_request_counter_counts_each_sector_once_per_instruction():
+    """A 1 x 1 window, raw, on one 8 x 16 tile: the forward's loads of a and b
+    and its store of the output request exactly the floor bytes."""
+    from stccl_ops.triton.traffic import count_requests
+
+    a, b = rand((1, 8, 8, 16), torch.float32, 1), rand((1, 8, 8, 16), torch.float32, 2)
+    with count_requests() as launches:
+        out = stccl_ops.local_correlation(a, b, 1, normalize=False, backend="triton")
+    assert [l["kernel"] for l in launches] == ["_local_correlation_fwd_kernel"]
+    assert launches[0]["requested_bytes"] == (a.numel() + b.numel() + out.numel()) * 4
+
+
+@INTERPRETED
+@pytest.mark.parametrize("C, K, dilation, bound", [(64, 3, 1, 2.0), (128, 7, 1, 3.0),
+                                                    (32, 9, 2, 3.0)])
+def test_forward_requests_near_the_floor(C, K, dilation, bound):
+    """Each tile's a and b (with its halo) once per channel block: the
+    forward requests at most 2x the floor bytes for K = 3, 3x for K = 7, 9."""
+    from stccl_ops.triton.traffic import count_requests
+
+    a, b = rand((1, C, 16, 64), torch.float32, 3), rand((1, C, 16, 64), torch.float32, 4)
+    with count_requests() as launches:
+        out = stccl_ops.local_correlation(a, b, K, dilation, backend="triton")
+    floor = (a.numel() + b.numel() + out.numel()) * 4
+    assert sum(l["requested_bytes"] for l in launches) <= bound * floor
