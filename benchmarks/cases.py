@@ -98,6 +98,12 @@ def sampler_available():
     return True
 
 
+def runs_case(case, backend):
+    """Whether `backend` takes the case: spatial_correlation_sampler takes
+    float32 and float64 only (a half tensor aborts the whole process)."""
+    return backend != "sampler" or case.dtype in ("float32", "float64")
+
+
 def unfold_local_correlation(a, b, kernel_size, dilation, normalize=True, eps=1e-8):
     """The common hand-written implementation: F.unfold of b (an (N, C*K*K, H*W)
     copy), times a, summed over channels."""

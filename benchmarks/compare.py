@@ -34,7 +34,7 @@ import torch
 
 import stccl_ops
 # benchmarks/ is the script's directory, so cases imports as a module
-from cases import (ALL_CASES, GRID_CASES, PEERS, STANDARD_CASES, make_step,
+from cases import (ALL_CASES, GRID_CASES, PEERS, STANDARD_CASES, make_step, runs_case,
                    sampler_available)
 
 
@@ -181,7 +181,7 @@ def selected_runs(cases, backends):
     ours = [b for b in backends if b not in ("reference", *PEERS)]
     theirs = [b for b in backends if b in ("reference", *PEERS)]
     return [(case, backward, backend) for group in (ours, theirs) for case in cases
-            for backward in (False, True) for backend in group]
+            for backward in (False, True) for backend in group if runs_case(case, backend)]
 
 
 def memory_only(device, threads, cases, backends):
