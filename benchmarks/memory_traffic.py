@@ -65,13 +65,18 @@ def per_request(counts):
     return counts["sectors"] / counts["requests"] if counts["requests"] else float("nan")
 
 
+def layout_inputs(case, layout, requires_grad):
+    inputs = make_inputs(case, requires_grad=requires_grad)
+    if layout == "channels_last":  # channels innermost; for a clip, in every frame
+        inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
+                       .requires_grad_(requires_grad) for t in inputs)
+    return inputs
+
+
 def measure(module, case, layout):
     results = []
     for backward in (False, True):
-        inputs = make_inputs(case, requires_grad=backward)
-        if layout == "channels_last":  # channels innermost; for a clip, in every frame
-            inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
-                           .requires_grad_(backward) for t in inputs)
+        inputs = layout_inputs(case, layout, backward)
         module.memory_traffic()  # drop what earlier passes left
         out = run_case(case, inputs, "cuda_emulated")
         if backward:
@@ -113,10 +118,7 @@ def measure_triton(case, layout):
 
     results = []
     for backward in (False, True):
-        inputs = make_inputs(case, requires_grad=backward)
-        if layout == "channels_last":
-            inputs = tuple(t.detach().movedim(-3, -1).contiguous().movedim(-1, -3)
-                           .requires_grad_(backward) for t in inputs)
+        inputs = layout_inputs(case, layout, backward)
         with count_requests() as launches:
             out = run_case(case, inputs, "triton")
         if backward:
@@ -163,8 +165,9 @@ def run_backend(backend):
     results = [r for case in scaled_cases() for layout in LAYOUTS
                for r in measure(module, case, layout)]
     print(table(results))
-    return [dict(r, backend="cuda_emulated", K=case.K, requested_bytes=r["sector_bytes"])
-            for case in scaled_cases() for r in results if r["case"] == case.name]
+    kernel_size = {case.name: case.K for case in scaled_cases()}
+    return [dict(r, backend="cuda_emulated", K=kernel_size[r["case"]],
+                 requested_bytes=r["sector_bytes"]) for r in results]
 
 
 BACKENDS = ("triton", "cuda_emulated")

@@ -78,6 +78,26 @@ def _image_offset(n, inner, outer, batch):
 
 
 @triton.jit
+def _tile(pid_t, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """(y, x, inside) of the TILE_H x TILE_W pixels of tile pid_t (tiles
+    numbered row-major over the image)."""
+    tiles_w = tl.cdiv(W, TILE_W)
+    i = tl.arange(0, TILE_H * TILE_W)
+    y = (pid_t // tiles_w) * TILE_H + i // TILE_W
+    x = (pid_t % tiles_w) * TILE_W + i % TILE_W
+    return y, x, (y < H) & (x < W)
+
+
+@triton.jit
+def _neighbours(y, x, p_ok, k, k_ok, K, dilation, H, W):
+    """(yq, xq, inside), [offsets, pixels]: pixel p's neighbour at offset k,
+    inside when p and k are and the neighbour lies in the image."""
+    yq = y[None, :] + (k // K - K // 2)[:, None] * dilation
+    xq = x[None, :] + (k % K - K // 2)[:, None] * dilation
+    return yq, xq, k_ok[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+
+
+@triton.jit
 def _inverse_norm_kernel(x_ptr, inv_ptr, pass_ptr, C, H, W, inner, outer, batch, sc, sy, sx,
                          eps_ptr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          ACC: tl.constexpr):
@@ -110,8 +130,9 @@ def _local_correlation_fwd_kernel(
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """out[n, k, p] for a TILE_H x TILE_W tile of pixels p and BLOCK_K
     consecutive offsets k < `offsets` (K*K; a self-correlation's up to the
-    centre, K*K // 2 + 1, the rest mirrored afterwards): per channel block, the a tile and the b tile with
-    its halo are each one load, and the BLOCK_K x tile sums stay in registers.
+    centre, K*K // 2 + 1, the rest mirrored afterwards): per channel block,
+    the a tile and the b tile with its halo are each one load, and the
+    BLOCK_K x tile sums stay in registers.
     The norms come from sums of squares of the same loads: twice the
     multiply-adds of the products for b, but no pre-pass reading both inputs
     again (which, counted, put K = 7 and 9 at 3.0x the floor bytes instead of
@@ -119,16 +140,10 @@ def _local_correlation_fwd_kernel(
     pid_t, pid_k, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hw = H * W
     kk = K * K
-    tiles_w = tl.cdiv(W, TILE_W)
-    i = tl.arange(0, TILE_H * TILE_W)
-    y = (pid_t // tiles_w) * TILE_H + i // TILE_W
-    x = (pid_t % tiles_w) * TILE_W + i % TILE_W
-    p_ok = (y < H) & (x < W)
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < offsets
-    yq = y[None, :] + (k // K - K // 2)[:, None] * dilation
-    xq = x[None, :] + (k % K - K // 2)[:, None] * dilation
-    q_ok = k_ok[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+    yq, xq, q_ok = _neighbours(y, x, p_ok, k, k_ok, K, dilation, H, W)
     a_off = (_image_offset(n, a_inner, a_outer, a_batch) + y.to(tl.int64) * a_sy
              + x.to(tl.int64) * a_sx)
     b_off = (_image_offset(n, b_inner, b_outer, b_batch) + yq.to(tl.int64) * b_sy
@@ -194,11 +209,7 @@ def _local_correlation_bwd_kernel(
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hw = H * W
     kk = K * K
-    tiles_w = tl.cdiv(W, TILE_W)
-    i = tl.arange(0, TILE_H * TILE_W)
-    y = (pid_t // tiles_w) * TILE_H + i // TILE_W
-    x = (pid_t % tiles_w) * TILE_W + i % TILE_W
-    p_ok = (y < H) & (x < W)
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
     y64, x64 = y.to(tl.int64), x.to(tl.int64)
     c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = c < C
@@ -210,9 +221,7 @@ def _local_correlation_bwd_kernel(
     csum = tl.zeros([TILE_H * TILE_W], dtype=ACC)
     for k0 in range(0, kk, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        yq = y[None, :] + (k // K - K // 2)[:, None] * dilation
-        xq = x[None, :] + (k % K - K // 2)[:, None] * dilation
-        q_ok = (k < kk)[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+        yq, xq, q_ok = _neighbours(y, x, p_ok, k, k < kk, K, dilation, H, W)
         yq64, xq64 = yq.to(tl.int64), xq.to(tl.int64)
         mirror = (kk - 1 - k).to(tl.int64)[:, None]
         if MODE == 1:  # the output at q whose mirrored offset points back at p
