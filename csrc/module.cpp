@@ -38,4 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("_set_cpu_isa", &stccl::cpu::set_isa,
         "Force the CPU kernel path: 'auto', 'avx2' or 'generic' (for tests).");
+  m.def("_set_cpu_layout", &stccl::cpu::set_layout,
+        "Force the CPU kernels' band layout: 'auto', 'rows' or 'flat' (for tests).");
+  m.def("_cpu_layout_is_flat", &stccl::cpu::flat_pays,
+        "Whether the automatic rule lays out an (H, W) image flat, in the forward or backward.");
 }

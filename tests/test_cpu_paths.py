@@ -6,7 +6,7 @@ import torch
 import stccl_ops
 from stccl_ops import _extension, reference
 
-from helpers import assert_close, grads, leaf, needs_extension
+from helpers import DTYPES, assert_close, grads, leaf, needs_extension
 
 pytestmark = needs_extension
 
@@ -196,3 +196,106 @@ def test_large_results_on_huge_pages_match_the_reference():
     assert_close(out, ref)
     for mine, theirs in zip(got, want):
         assert_close(mine, theirs, "grad")
+
+
+@pytest.fixture
+def cpu_layout(request):
+    """The CPU kernels' band layout to force ("auto" unless parametrized)."""
+    _extension._C._set_cpu_layout(getattr(request, "param", "auto"))
+    yield request.param if hasattr(request, "param") else "auto"
+    _extension._C._set_cpu_layout("auto")
+
+
+def test_layout_rule_on_both_sides_of_its_thresholds():
+    """Flat for rows of at most 16 values on images of at most 512 pixels
+    (the forward: 256); rows past any of the three."""
+    is_flat = _extension._C._cpu_layout_is_flat
+    assert is_flat(7, 7, True) and is_flat(7, 7, False)
+    assert is_flat(16, 16, True) and not is_flat(17, 16, True)  # forward: 256 pixels
+    assert is_flat(32, 16, False) and not is_flat(33, 16, False)  # backward: 512
+    assert is_flat(1, 16, True) and not is_flat(1, 17, True)  # rows of 16 values
+    assert not is_flat(8, 1024, True) and not is_flat(8, 1024, False)
+    with pytest.raises(RuntimeError, match="unknown CPU layout"):
+        _extension._C._set_cpu_layout("diagonal")
+
+
+LAYOUT_SHAPES = {
+    "7x7": ((2, 37, 7, 7), 3, 1),
+    "window-past-map": ((2, 5, 3, 2), 7, 2),  # every neighbour row wraps or falls off
+    "1x1": ((3, 9, 1, 1), 3, 1),
+    "one-row": ((2, 6, 1, 13), 5, 1),
+    "one-column": ((2, 6, 11, 1), 3, 2),
+    "16x16-K9": ((1, 20, 16, 16), 9, 1),
+    "tall-narrow": ((1, 6, 40, 5), 5, 1),
+}
+
+
+@pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
+@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["local", "self", "temporal"])
+@pytest.mark.parametrize("shape", list(LAYOUT_SHAPES), ids=list(LAYOUT_SHAPES))
+def test_both_layouts_match_the_reference(cpu_layout, cpu_path, dtype, op, shape):
+    """Each layout forced on every shape class it can meet (the rule picks one
+    per call; forcing covers the other): forward and gradients of every op."""
+    size, K, dilation = LAYOUT_SHAPES[shape]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*size, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(*size, generator=g, dtype=torch.float64).to(dtype)
+    call, ref_call = {
+        "local": (lambda a, b, **kw: stccl_ops.local_correlation(a, b, K, dilation, **kw),
+                  lambda a, b: reference.local_correlation(a, b, K, dilation)),
+        "self": (lambda a, **kw: stccl_ops.spatial_correlation(a, K, dilation, **kw),
+                 lambda a: reference.spatial_correlation(a, K, dilation)),
+        "temporal": (lambda v, **kw: stccl_ops.temporal_correlation(v, K, dilation, **kw),
+                     lambda v: reference.temporal_correlation(v, K, dilation)),
+    }[op]
+    inputs = {"local": (x, y), "self": (x,), "temporal": (torch.stack([x, y, x.flip(0)], 1),)}[op]
+    grad_out = torch.randn(ref_call(*inputs).shape, generator=g,
+                           dtype=torch.float64).to(dtype)
+    out, got = grads(lambda *t: call(*t, backend="cpp"), tuple(map(leaf, inputs)), grad_out)
+    ref, want = grads(ref_call, tuple(map(leaf, inputs)), grad_out)
+    assert_close(out, ref)
+    for mine, expected in zip(got, want):
+        assert_close(mine, expected, "grad")
+
+
+@pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
+@pytest.mark.parametrize("view", ["channels_last", "column-slice", "expanded"])
+def test_both_layouts_on_views(cpu_layout, view):
+    """channels_last images are read flat in place; a column slice (rows not
+    adjacent) falls back to rows; an expanded map (all strides 0 but C's)."""
+    base = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    a = {"channels_last": base.contiguous(memory_format=torch.channels_last),
+         "column-slice": base[..., 1:8],
+         "expanded": base[:1, :, :1, :1].expand(2, 6, 7, 9)}[view]
+    b = torch.randn(a.shape, dtype=torch.float64)
+    g = torch.randn(2, 9, *a.shape[-2:], dtype=torch.float64)
+    out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, 3, backend="cpp"),
+                     (leaf(a), leaf(b)), g)
+    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 3),
+                      (leaf(a.contiguous()), leaf(b)), g)
+    assert_close(out, ref)
+    for mine, expected in zip(got, want):
+        assert_close(mine, expected, "grad")
+
+
+@pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
+def test_both_layouts_are_bitwise_deterministic_across_thread_counts(cpu_layout):
+    a = torch.randn(5, 70, 9, 9)
+    b = torch.randn(5, 70, 9, 9)
+    g = torch.randn(5, 25, 9, 9)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = torch.ops.stccl_ops.local_correlation(a, b, 5, 1, True, 1e-8)
+            ga, gb = torch.ops.stccl_ops._local_correlation_backward(g, a, b, out, 5, 1, True,
+                                                                     1e-8, True, True)
+            results.append((out, ga, gb))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)

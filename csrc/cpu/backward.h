@@ -73,20 +73,25 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
                                           const acc_t* pass_own, const acc_t* inv_other,
                                           acc_t* w, acc_t* scale, acc_t* shift,
                                           acc_t* volume_rows) {
-  const int64_t K = L.K, KK = L.KK, H = L.H, W = L.W, Wv = L.Wv, WB = L.WB, pad = L.pad;
+  const int64_t K = L.K, KK = L.KK, H = L.image_H, W = L.image_W, Wv = L.Wv;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
   std::fill_n(w, rows * KK * Wv, acc_t(0));
-  for (int64_t rr = 0; rr < rows; ++rr) {
+  std::fill_n(shift, rows * Wv, acc_t(0));
+  for (int64_t rr = 0; rr < L.image_rows(rows); ++rr) {
     const int64_t y = y0 + rr;
-    acc_t* csum = shift + rr * Wv;
-    std::fill_n(csum, Wv, acc_t(0));
+    // Where image row rr starts: in the [rows][K*K][Wv] weights, in the
+    // [rows][Wv] scale and shift, and in the staged rows (with the halo).
+    const int64_t w_row = L.flat ? rr * W : rr * KK * Wv;
+    const int64_t p_row = L.flat ? rr * W : rr * Wv;
+    const int64_t s_row = L.flat ? L.pad_x + rr * W : (rr + L.pad) * L.WB + L.pad;
+    acc_t* csum = shift + p_row;
     for (int64_t k = 0; k < KK; ++k) {
       const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);
       const int64_t yq = y + dy;
       if (yq < 0 || yq >= H) continue;
       const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(W, W - dx);
-      acc_t* wk = w + (rr * KK + k) * Wv;
-      const acc_t* inv_q = inv_other + (rr + pad + dy) * WB + pad + dx;
+      acc_t* wk = w + w_row + k * Wv;
+      const acc_t* inv_q = inv_other + s_row + dy * L.row_step + dx;
       if (mode == GradMode::B) {
         // The output at o = p + d_k whose offset mirror(k) points back at p.
         const int64_t km = mirror_offset(k, K);
@@ -115,10 +120,10 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
         }
       }
     }
-    const acc_t* inv_p = inv_own + (rr + pad) * WB + pad;
-    const acc_t* pass_p = pass_own + (rr + pad) * WB + pad;
+    const acc_t* inv_p = inv_own + s_row;
+    const acc_t* pass_p = pass_own + s_row;
     for (int64_t x = 0; x < W; ++x) {
-      scale[rr * Wv + x] = inv_p[x];
+      scale[p_row + x] = inv_p[x];
       csum[x] *= pass_p[x] * inv_p[x] * inv_p[x];  // 0 in raw mode (pass = 0)
     }
   }
@@ -133,6 +138,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
                                       bool accumulate, const GradientEpilogue<acc_t>* final) {
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, W = L.W, Wv = L.Wv, WB = L.WB;
+  const int64_t step = L.row_step;
   // The epilogue at row rr, x vector xb.
   auto epilogue_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
     GradientEpilogue<acc_t> e{};
@@ -151,7 +157,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
           const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
           auto run = [&](auto kw, auto is_final) STCCL_LAMBDA_INLINE {
             gather_window<decltype(kw)::value, DIL, decltype(is_final)::value>(
-                w_vec, Wv, x_vec, L.stage_cstride, WB, d, count, d_vec, L.dst_cstride,
+                w_vec, Wv, x_vec, L.stage_cstride, step, d, count, d_vec, L.dst_cstride,
                 accumulate, e);
           };
           using one = std::integral_constant<int, 1>;
@@ -174,7 +180,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
       for (int64_t i = 0; i < K; ++i) {
         for (int64_t xb = 0; xb < Wv; xb += V) {
           const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
-          const acc_t* x_vec = other_stage + (rr + i * d) * WB + xb;
+          const acc_t* x_vec = other_stage + rr * WB + i * d * step + xb;
           STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
                         L.stage_cstride, d, count, dst + rr * Wv + xb, L.dst_cstride);
         }
@@ -233,7 +239,7 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
                                        const Layout<acc_t>& L, int64_t task,
                                        BackwardWorkspace<acc_t>& ws) {
   const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
-  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad_y;
   const bool two = !args.self;
   StagedBand<acc_t>& A = ws.staged[0];
   StagedBand<acc_t>& B = two ? ws.staged[1] : A;
@@ -261,7 +267,7 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
                         const acc_t* own_rows, const acc_t* other_rows,
                         scalar_t* grad) STCCL_LAMBDA_INLINE {
-      const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.pad * L.WB + L.pad,
+      const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
                                           L.stage_cstride, ws.runs.data(), L.run_cstride};
       gather_chunk(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
       write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);

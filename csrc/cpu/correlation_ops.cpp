@@ -55,6 +55,13 @@ at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
   return t;
 }
 
+// Whether every operand's images can be read flat (see Layout).
+bool flat_ok(int64_t H, int64_t W, std::initializer_list<const at::Tensor*> operands) {
+  for (const at::Tensor* t : operands)
+    if (!rows_adjacent(strides4(*t), H, W)) return false;
+  return true;
+}
+
 // The band kernels: run<AVX2> does one task (AVX2: the AVX2 build's variant
 // where a kernel has one, e.g. the forward's row pairs).
 struct ForwardBand {
@@ -142,7 +149,7 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bo
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, /*cover_halo=*/true);
+    const Layout<acc_t> L(N, C, H, W, w, /*forward=*/true, flat_ok(H, W, {&a, &b}));
     const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
                                             out.mutable_data_ptr<scalar_t>(), w.normalize, self,
                                             static_cast<acc_t>(w.eps)};
@@ -162,7 +169,8 @@ at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_
   at::Tensor out;  // stays undefined when the bands do not fit
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*cover_halo=*/true);
+    Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*forward=*/true,
+                    flat_ok(shape[2], shape[3], {&v}));
     if (!L.whole_stage) return;
     out = result(out_shape, v.options());
     if (out.numel() == 0) return;
@@ -190,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, /*cover_halo=*/false);
+    const Layout<acc_t> L(N, C, H, W, w, /*forward=*/false, flat_ok(H, W, {&a, &b}));
     const BackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
         operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
@@ -210,7 +218,8 @@ at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
   const auto shape = dims(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*cover_halo=*/false);
+    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*forward=*/false,
+                          flat_ok(shape[2], shape[3], {&v}));
     const TemporalBackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(v),
         grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride, w.normalize,

@@ -40,9 +40,25 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
                                          int64_t count, const acc_t* a_rows, int64_t a_cstride,
                                          int64_t a_rstride, const acc_t* b_stage, acc_t* acc) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB, step = L.row_step;
   const int64_t r = K / 2, window_rows = self ? r + 1 : K;
   using Blocks = std::conditional_t<ROW_PAIRS, Avx2Blocks, InlineBlocks>;
+  if (L.flat) {
+    // One row, the whole image: x outermost, so that the window rows of an x
+    // vector read the same few lines of each channel while they are in L1
+    // (a chunk of whole images does not fit there).
+    STCCL_WITH_DILATION(d, {
+      for (int64_t xb = 0; xb < Wv; xb += V) {
+        for (int64_t i = 0; i < window_rows; ++i) {
+          const int64_t offsets = (self && i == r) ? r + 1 : K;
+          STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, offsets, a_rows + xb, a_cstride,
+                        b_stage + i * d * step + xb + j0 * d, L.stage_cstride, d, count,
+                        acc + (i * K + j0) * Wv + xb, Wv);
+        }
+      }
+    });
+    return;
+  }
   if constexpr (ROW_PAIRS) {
     if (!self) {
       // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
@@ -57,7 +73,7 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
             for (int64_t xb = 0; xb < Wv; xb += V) {
               const acc_t* a0 = a_rows + rr * a_rstride + xb;
               const acc_t* a1 = a0 + d * a_rstride;
-              const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+              const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
               acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
               acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
               if (row0 && row1) {
@@ -82,7 +98,7 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
         const int64_t offsets = (self && i == r) ? r + 1 : K;
         for (int64_t xb = 0; xb < Wv; xb += V) {
           const acc_t* a_vec = a_rows + rr * a_rstride + xb;
-          const acc_t* b_vec = b_stage + (rr + i * d) * WB + xb;
+          const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
           acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;
           STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, offsets, a_vec, a_cstride,
                         b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
@@ -90,6 +106,21 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
       }
     }
   });
+}
+
+// In the flat layout, the sums of offsets whose neighbour lies past the end
+// of its row (they read the next or previous row): zero, as the output is
+// there. Per image row and offset, the first -dx or last dx columns.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void zero_wrapped(const Layout<acc_t>& L, acc_t* acc) {
+  const int64_t W = L.image_W;
+  for (int64_t k = 0; k < L.KK; ++k) {
+    const int64_t dx = offset_dx(k, L.K, L.dilation);
+    if (dx == 0) continue;
+    const int64_t x0 = dx < 0 ? 0 : std::max<int64_t>(W - dx, 0);
+    const int64_t width = std::min(std::abs(dx), W);
+    for (int64_t y = 0; y < L.image_H; ++y) std::fill_n(acc + k * L.Wv + y * W + x0, width, acc_t(0));
+  }
 }
 
 // The band's rows of the output: out[k][y0 + rr] = acc * inv_a * inv_b, with
@@ -104,7 +135,7 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
                                       int64_t inv_a_rstride, const acc_t* inv_b,
                                       acc_t* run_buffer, scalar_t* out) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB;
+  const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB, step = L.row_step;
   const int64_t r = K / 2, window_rows = self ? r + 1 : K;
   scalar_t* run = reinterpret_cast<scalar_t*>(run_buffer);
   for (int64_t i = 0; i < window_rows; ++i) {
@@ -114,7 +145,7 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
       for (int64_t rr = 0; rr < rows; ++rr) {
         const acc_t* a_k = acc + (rr * KK + k) * Wv;
         const acc_t* inv_p = inv_a + rr * inv_a_rstride;
-        const acc_t* inv_q = inv_b + (rr + i * d) * WB + j * d;
+        const acc_t* inv_q = inv_b + rr * WB + i * d * step + j * d;
         scalar_t* o = run + ((L.single_run ? k : 0) * rows + rr) * L.W;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           // Whole vectors: a row's last vector runs into the next row's
@@ -144,8 +175,8 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                                       const Layout<acc_t>& L, int64_t task,
                                       Workspace<acc_t>& ws) {
   const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
-  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad;
-  const int64_t pad = L.pad, Wv = L.Wv, WB = L.WB;
+  const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad_y;
+  const int64_t Wv = L.Wv, WB = L.WB;
   acc_t* acc = ws.acc.data();
   acc_t* inv_b = ws.inv_b.data();
   acc_t* inv_a = ws.inv_a.data();
@@ -156,10 +187,10 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     acc_t* b_stage = ws.b_stage.data();
-    stage_rows(args.b, L, n, c0, count, y0 - pad, rows_b, L.stage_cstride, pad, WB, b_stage,
-               args.normalize ? inv_b : nullptr);
+    stage_rows(args.b, L, n, c0, count, y0 - L.pad_y, rows_b, L.stage_cstride, L.pad_x, WB,
+               b_stage, args.normalize ? inv_b : nullptr);
     if (args.self) {
-      correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + pad * WB + pad,
+      correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + L.own_offset(),
                                  L.stage_cstride, WB, b_stage, acc);
     } else {
       stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
@@ -169,14 +200,15 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
     }
   }
 
-  inverse_norms_in_place(L, args.normalize, args.eps, y0 - pad, rows_b, WB, pad, inv_b,
+  inverse_norms_in_place(L, args.normalize, args.eps, y0 - L.pad_y, rows_b, WB, L.pad_x, inv_b,
                          static_cast<acc_t*>(nullptr));
   if (args.self)
     for (int64_t rr = 0; rr < rows; ++rr)
-      std::copy_n(inv_b + (rr + pad) * WB + pad, L.W, inv_a + rr * Wv);
+      std::copy_n(inv_b + rr * WB + L.own_offset(), L.W, inv_a + rr * Wv);
   else
     inverse_norms_in_place(L, args.normalize, args.eps, y0, rows, Wv, int64_t(0), inv_a,
                            static_cast<acc_t*>(nullptr));
+  if (L.flat) zero_wrapped(L, acc);
   write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
                args.out + n * L.KK * L.H * L.W);
 }

@@ -16,6 +16,7 @@ bool cpu_has_avx2_fma() {
 }
 
 std::atomic<bool> force_generic{false};
+std::atomic<LayoutChoice> forced_layout{LayoutChoice::Auto};
 
 }  // namespace
 
@@ -44,6 +45,15 @@ void set_isa(const std::string& name) {
   } else {
     TORCH_CHECK(false, "stccl_ops: unknown CPU path '", name, "' (auto, avx2, generic)");
   }
+}
+
+LayoutChoice layout_choice() { return forced_layout.load(); }
+
+void set_layout(const std::string& name) {
+  if (name == "auto") forced_layout = LayoutChoice::Auto;
+  else if (name == "rows") forced_layout = LayoutChoice::Rows;
+  else if (name == "flat") forced_layout = LayoutChoice::Flat;
+  else TORCH_CHECK(false, "stccl_ops: unknown CPU layout '", name, "' (auto, rows, flat)");
 }
 
 }  // namespace stccl::cpu

@@ -2,6 +2,7 @@
 // else the portable one. Chosen at run time, so one wheel serves every x86-64.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -13,5 +14,23 @@ std::string active_isa();
 // a processor without it.
 void set_isa(const std::string& name);
 bool use_avx2();
+
+// The layout of the CPU kernels' bands (see Layout in staging.h): chosen per
+// call by its rule (Auto), or forced (for tests; an operand that cannot be
+// read flat still gets rows).
+enum class LayoutChoice { Auto, Rows, Flat };
+LayoutChoice layout_choice();
+// "auto", "rows" or "flat"; raises for an unknown name.
+void set_layout(const std::string& name);
+
+// The rule of LayoutChoice::Auto, measured in docs/cpu_kernels.md: flat for
+// rows of at most FLAT_MAX_W values, on images of at most FLAT_MAX_PIXELS
+// (the forward: FLAT_MAX_FORWARD_PIXELS). Past those the rows' vectors are
+// mostly full and flat loses the forward's row pairs (one load of b for two
+// rows' FMAs) and, on larger images, the backward's short weight buffers.
+constexpr int64_t FLAT_MAX_W = 16, FLAT_MAX_PIXELS = 512, FLAT_MAX_FORWARD_PIXELS = 256;
+inline bool flat_pays(int64_t H, int64_t W, bool forward) {
+  return W <= FLAT_MAX_W && H * W <= (forward ? FLAT_MAX_FORWARD_PIXELS : FLAT_MAX_PIXELS);
+}
 
 }  // namespace stccl::cpu

@@ -18,6 +18,7 @@
 
 #include "../index_math.h"
 #include "../window.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace stccl::cpu {
@@ -33,6 +34,7 @@ constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 448;
 // channels per chunk amortise the accumulator loads and stores; the whole
 // staged chunk lives in L2.
 constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
+constexpr int64_t FLAT_STAGE_BYTES = 256 * 1024;
 // The backward stages a band's rows of every channel at once when they take
 // at most this much per operand (they stay in L2): the pass that sums the
 // squares for the norms then also stages, and the channel loop reads them.
@@ -79,11 +81,29 @@ struct Operand {
   }
 };
 
+// Which way a call lays out its bands. Rows: a band is band_rows image rows,
+// each staged with a halo of pad columns on both sides, SIMD over x. Flat: a
+// band is the whole image as one run of H*W values (its rows W apart, the
+// halo pad rows plus pad values before and after), SIMD over that run; a
+// neighbour at (dy, dx) is dy*W + dx away, so a step past a row's end wraps
+// into the next row: the forward zeroes those outputs (wrap_masks) and the
+// backward's weights are zero there. Short rows waste most of a row's vectors
+// and pay per-row costs for every channel (W = 7: 7 of 8 lanes, a staging
+// call and a halo per row); flat pays one call per channel. Flat needs each
+// operand's image rows to be one after the other in memory (y stride = W *
+// x stride): channels-first or channels-last, not a column slice.
 // Sizes shared by every task of one call. Nothing here depends on the thread
-// count, so the summation order does not either.
+// count, so the summation order does not either. In the flat layout the
+// kernels see an image of one row of H*W values: H and W below are that
+// (1, H*W), image_H and image_W the image's.
 template <typename acc_t>
 struct Layout {
   int64_t N, C, H, W, K, KK, dilation, pad;
+  bool flat;
+  int64_t image_H, image_W;
+  int64_t pad_y;    // halo rows staged above and below a band
+  int64_t pad_x;    // halo values staged before and after each row
+  int64_t row_step; // elements from an image row to the next in staged rows
   int64_t band_rows;  // output rows per task
   int64_t bands;    // bands per image
   int64_t Wv;       // W rounded up to whole vectors
@@ -98,26 +118,44 @@ struct Layout {
   bool single_run;  // a task's results are written as one run (see SINGLE_RUN_BYTES)
   bool single_gradient_run;  // the backward's too
 
-  // cover_halo: bands at least as tall as the halo (2 * pad rows), so that
-  // large windows do not re-stage the same rows many times. The forward pass
-  // takes it; the backward keeps short bands, whose per-offset weight buffers
-  // (band_rows * K*K * W) must stay small.
-  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, bool cover_halo)
+  // forward: the forward pass's layout, with bands at least as tall as the
+  // halo (2 * pad rows), so that large windows do not re-stage the same rows
+  // many times; the backward keeps short bands, whose per-offset weight
+  // buffers (band_rows * K*K * W) must stay small. flat_ok: every operand can
+  // be read flat (see LayoutChoice).
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, bool forward,
+         bool flat_ok)
       : N(N_), C(C_), H(H_), W(W_), K(window.kernel_size), KK(window.offsets()),
-        dilation(window.dilation), pad(window.pad()) {
+        dilation(window.dilation), pad(window.pad()), image_H(H_), image_W(W_) {
     constexpr int64_t V = Simd<acc_t>::lanes;
-    const int64_t pad_rows = cover_halo ? 2 * pad : 0;
-    band_rows = std::clamp(std::max((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1), pad_rows),
-                           MIN_BAND_ROWS, MAX_BAND_ROWS);
-    band_rows += band_rows % 2;  // whole row pairs (see correlate_chunk)
-    band_rows = std::max<int64_t>(1, std::min(H, band_rows));
+    const LayoutChoice choice = layout_choice();
+    flat = flat_ok && choice != LayoutChoice::Rows &&
+           (choice == LayoutChoice::Flat || flat_pays(H, W, forward));
+    if (flat) {
+      H = 1;
+      W = image_H * image_W;
+      pad_y = 0;
+      pad_x = pad * image_W + pad;
+      band_rows = 1;
+    } else {
+      pad_y = pad_x = pad;
+      const int64_t pad_rows = forward ? 2 * pad : 0;
+      band_rows = std::clamp(
+          std::max((BAND_ELEMENTS + W - 1) / std::max<int64_t>(W, 1), pad_rows), MIN_BAND_ROWS,
+          MAX_BAND_ROWS);
+      band_rows += band_rows % 2;  // whole row pairs (see correlate_chunk)
+      band_rows = std::max<int64_t>(1, std::min(H, band_rows));
+    }
     bands = (H + band_rows - 1) / band_rows;
     Wv = (W + V - 1) / V * V;
-    WB = Wv + 2 * pad;
-    rows_b = band_rows + 2 * pad;
-    // The inner loops sweep one staged row (plus one row of a) per channel.
+    WB = Wv + 2 * pad_x;
+    row_step = flat ? image_W : WB;
+    rows_b = band_rows + 2 * pad_y;
+    // The inner loops sweep one staged row (plus one row of a) per channel
+    // (flat: the forward's x vectors of a chunk stay in L1, its images in L2).
     const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
-    chunk = std::clamp<int64_t>(STAGE_BYTES / per_channel, 1, std::max<int64_t>(C, 1));
+    chunk = std::clamp<int64_t>((flat ? FLAT_STAGE_BYTES : STAGE_BYTES) / per_channel, 1,
+                                std::max<int64_t>(C, 1));
     chunk = std::min(chunk, MAX_CHUNK);
     // Chunks of equal size: no short last chunk paying a whole pass over the
     // accumulators, and the staged rows of one chunk stay in L2 (16 + 16
@@ -138,7 +176,17 @@ struct Layout {
   int64_t run_buffer(int64_t runs) const {
     return (single_run ? runs : 1) * band_rows * W + Simd<acc_t>::lanes;
   }
+  // Where a band's first pixel lies in its staged rows (with the halo).
+  int64_t own_offset() const { return pad_y * WB + pad_x; }
+  // The image rows of a band of `rows` rows (flat: the image's).
+  int64_t image_rows(int64_t rows) const { return flat ? image_H : rows; }
 };
+
+// Whether an operand's images can be read flat: their rows one after the
+// other (y stride = W * x stride; any channel and batch strides).
+inline bool rows_adjacent(const Strides4& s, int64_t H, int64_t W) {
+  return H <= 1 || s.y == W * s.x;
+}
 
 // Prefetches rows [y_first, y_first + rows) of channel c + PREFETCH_CHANNELS
 // (`channel` points at channel c of the image) when rows are contiguous.
@@ -314,15 +362,15 @@ template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void halo_norms(const Operand<scalar_t>& v, bool normalize, acc_t eps,
                                     const Layout<acc_t>& L, int64_t n, int64_t y0, int64_t rows_b,
                                     acc_t* stage, acc_t* inv, acc_t* pass) {
-  const int64_t pad = L.pad, WB = L.WB;
+  const int64_t WB = L.WB;
   std::fill_n(inv, rows_b * WB, acc_t(0));
   if (normalize || L.whole_stage) {
     for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk)
-      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - pad, rows_b, L.stage_cstride, pad,
-                 WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
+      stage_rows(v, L, n, c0, std::min(L.chunk, L.C - c0), y0 - L.pad_y, rows_b,
+                 L.stage_cstride, L.pad_x, WB, stage + (L.whole_stage ? c0 * L.stage_cstride : 0),
                  normalize ? inv : nullptr);
   }
-  inverse_norms_in_place(L, normalize, eps, y0 - pad, rows_b, WB, pad, inv, pass);
+  inverse_norms_in_place(L, normalize, eps, y0 - L.pad_y, rows_b, WB, L.pad_x, inv, pass);
 }
 
 // The staged rows of channels [c0, c0 + count): already in `stage` when the
@@ -332,7 +380,7 @@ STCCL_ALWAYS_INLINE const acc_t* stage_chunk(const Operand<scalar_t>& v, const L
                                              int64_t n, int64_t c0, int64_t count, int64_t y0,
                                              int64_t rows_b, acc_t* stage) {
   if (L.whole_stage) return stage + c0 * L.stage_cstride;
-  stage_rows(v, L, n, c0, count, y0 - L.pad, rows_b, L.stage_cstride, L.pad, L.WB, stage,
+  stage_rows(v, L, n, c0, count, y0 - L.pad_y, rows_b, L.stage_cstride, L.pad_x, L.WB, stage,
              static_cast<acc_t*>(nullptr));
   return stage;
 }

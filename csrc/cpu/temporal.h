@@ -69,7 +69,7 @@ STCCL_ALWAYS_INLINE ClipTask clip_task(const Layout<acc_t>& L, int64_t task, int
   c.frame = c.clip * frames + c.t;
   c.y0 = c.band * L.band_rows;
   c.rows = std::min(L.band_rows, L.H - c.y0);
-  c.rows_b = c.rows + 2 * L.pad;
+  c.rows_b = c.rows + 2 * L.pad_y;
   return c;
 }
 
@@ -104,7 +104,7 @@ STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_
                                                TemporalWorkspace<acc_t>& ws) {
   const int64_t s = args.stride, pairs = args.frames - s;
   const ClipTask c = clip_task(L, task, pairs, args.frames);
-  const int64_t pad = L.pad, WB = L.WB, cs = L.stage_cstride;
+  const int64_t WB = L.WB, cs = L.stage_cstride;
   StagedBand<acc_t>& A = stage_frame(image_view(args.v, c.frame), args.normalize, args.eps, L,
                                      c.frame, c.band, c.y0, c.rows_b, ws.staged);
   StagedBand<acc_t>& B = stage_frame(image_view(args.v, c.frame + s), args.normalize, args.eps, L,
@@ -113,10 +113,11 @@ STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_
   std::fill_n(acc, c.rows * L.KK * L.Wv, acc_t(0));
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     correlate_chunk<ROW_PAIRS>(L, false, c.rows, std::min(L.chunk, L.C - c0),
-                               A.stage.data() + c0 * cs + pad * WB + pad, cs, WB,
+                               A.stage.data() + c0 * cs + L.own_offset(), cs, WB,
                                B.stage.data() + c0 * cs, acc);
   }
-  write_output(L, false, c.y0, c.rows, acc, A.inv.data() + pad * WB + pad, WB, B.inv.data(),
+  if (L.flat) zero_wrapped(L, acc);
+  write_output(L, false, c.y0, c.rows, acc, A.inv.data() + L.own_offset(), WB, B.inv.data(),
                ws.out_rows.data(), args.out + (c.clip * pairs + c.t) * L.KK * L.H * L.W);
 }
 
@@ -173,7 +174,7 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
-    const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.pad * L.WB + L.pad,
+    const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
                                         L.stage_cstride, ws.runs.data(), L.run_cstride};
     if (has_next) {
       gather_chunk(L, rows, count, ws.w_a.data(),
