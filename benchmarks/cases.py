@@ -151,21 +151,22 @@ def _pair_maps(case, inputs):
 
 def run_case(case, inputs, backend):
     """The op of `case` on `inputs` with `backend` (a backend, a peer, or a
-    backend's raw mode "<backend>-raw"); returns the output volume."""
-    if backend in PEERS or backend.endswith("-raw"):
+    backend's raw mode "<backend>-raw": the same op with normalize=False);
+    returns the output volume. The peers take 4-D maps: a clip's frame pairs
+    are copied into two (what their users do)."""
+    if backend in PEERS:
         a, b = _pair_maps(case, inputs)
         if backend == "unfold":
             return unfold_local_correlation(a, b, case.K, case.dilation)
-        if backend == "sampler":
-            return sampler_local_correlation(a, b, case.K, case.dilation)
-        return stccl_ops.local_correlation(a, b, case.K, case.dilation, normalize=False,
-                                           backend=backend[:-len("-raw")])
+        return sampler_local_correlation(a, b, case.K, case.dilation)
+    window = dict(kernel_size=case.K, dilation=case.dilation)
+    if backend.endswith("-raw"):
+        backend, window["normalize"] = backend[:-len("-raw")], False
     if case.op == "temporal":
-        return stccl_ops.temporal_correlation(inputs[0], case.K, case.dilation, backend=backend)
+        return stccl_ops.temporal_correlation(inputs[0], backend=backend, **window)
     if case.op == "spatial":
-        return stccl_ops.spatial_correlation(inputs[0], case.K, case.dilation, backend=backend)
-    return stccl_ops.local_correlation(inputs[0], inputs[1], case.K, case.dilation,
-                                       backend=backend)
+        return stccl_ops.spatial_correlation(inputs[0], backend=backend, **window)
+    return stccl_ops.local_correlation(inputs[0], inputs[1], backend=backend, **window)
 
 
 def make_step(case, backend, device="cpu", backward=False):

@@ -76,17 +76,21 @@ def test_offsets_beyond_32_bits():
     del storage
 
 
-def test_many_channels_and_wide_rows():
-    """Several channel chunks and several vectors per row, odd remainders."""
-    a = leaf(torch.randn(1, 300, 5, 70, dtype=torch.float64))
-    b = leaf(torch.randn(1, 300, 5, 70, dtype=torch.float64))
-    g = torch.randn(1, 9, 5, 70, dtype=torch.float64)
+@pytest.mark.parametrize("width", [70, 600], ids=["one-tile", "x-tiles"])
+def test_many_channels_and_wide_rows(width):
+    """Several channel chunks and several vectors per row, odd remainders;
+    rows of 600 values are swept by the forward in tiles (256, 256, 88)."""
+    a = leaf(torch.randn(1, 300, 5, width, dtype=torch.float64))
+    b = leaf(torch.randn(1, 300, 5, width, dtype=torch.float64))
+    g = torch.randn(1, 9, 5, width, dtype=torch.float64)
     out, got = grads(lambda x, y: stccl_ops.local_correlation(x, y, 3, 3, backend="cpp"), (a, b),
                      g)
     ref, want = grads(lambda x, y: reference.local_correlation(x, y, 3, 3), (a, b), g)
     assert_close(out, ref)
     for actual, expected in zip(got, want):
         assert_close(actual, expected, "grad")
+    assert_close(stccl_ops.spatial_correlation(a, 5, 2, backend="cpp"),
+                 reference.spatial_correlation(a, 5, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

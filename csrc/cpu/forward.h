@@ -64,13 +64,14 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
       // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
       // window row i of rr and window row i - 1 of rr + d.
       STCCL_WITH_DILATION(d, {
+        for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)
         for (int64_t rr = 0; rr < rows; ++rr) {
           if ((rr / d) % 2 == 1) continue;  // the second row of a pair
           const bool pair = rr + d < rows;
           for (int64_t i = 0; i <= K; ++i) {
             const bool row0 = i < K, row1 = pair && i > 0;
             if (!row0 && !row1) continue;
-            for (int64_t xb = 0; xb < Wv; xb += V) {
+            for (int64_t xb = x0; xb < std::min(Wv, x0 + L.x_tile); xb += V) {
               const acc_t* a0 = a_rows + rr * a_rstride + xb;
               const acc_t* a1 = a0 + d * a_rstride;
               const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
@@ -93,10 +94,11 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
     }
   }
   STCCL_WITH_DILATION(d, {
+    for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)
     for (int64_t rr = 0; rr < rows; ++rr) {
       for (int64_t i = 0; i < window_rows; ++i) {
         const int64_t offsets = (self && i == r) ? r + 1 : K;
-        for (int64_t xb = 0; xb < Wv; xb += V) {
+        for (int64_t xb = x0; xb < std::min(Wv, x0 + L.x_tile); xb += V) {
           const acc_t* a_vec = a_rows + rr * a_rstride + xb;
           const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
           acc_t* acc_vec = acc + (rr * KK + i * K) * Wv + xb;

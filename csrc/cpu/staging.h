@@ -34,7 +34,12 @@ constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 448;
 // channels per chunk amortise the accumulator loads and stores; the whole
 // staged chunk lives in L2.
 constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
-constexpr int64_t FLAT_STAGE_BYTES = 256 * 1024;
+constexpr int64_t STAGED_CHUNK_BYTES = 256 * 1024;
+// The forward sweeps long rows in tiles of this many values: a chunk's tiles
+// fit in L1 where whole rows would not, so chunks stay large (W = 1024 took
+// 3 channels per chunk, and the sums of every offset were loaded and stored
+// once per 3 channels).
+constexpr int64_t FORWARD_X_TILE = 256;
 // The backward stages a band's rows of every channel at once when they take
 // at most this much per operand (they stay in L2): the pass that sums the
 // squares for the norms then also stages, and the channel loop reads them.
@@ -107,6 +112,7 @@ struct Layout {
   int64_t band_rows;  // output rows per task
   int64_t bands;    // bands per image
   int64_t Wv;       // W rounded up to whole vectors
+  int64_t x_tile;   // the forward's inner loops take rows x_tile values at a time
   int64_t WB;       // staged row width with the halo on both sides
   int64_t rows_b;   // staged rows of a band with the halo
   int64_t chunk;    // channels per staged chunk
@@ -151,12 +157,19 @@ struct Layout {
     WB = Wv + 2 * pad_x;
     row_step = flat ? image_W : WB;
     rows_b = band_rows + 2 * pad_y;
-    // The inner loops sweep one staged row (plus one row of a) per channel
-    // (flat: the forward's x vectors of a chunk stay in L1, its images in L2).
-    const int64_t per_channel = ROWS_IN_FLIGHT * (WB + Wv) * int64_t(sizeof(acc_t));
-    chunk = std::clamp<int64_t>((flat ? FLAT_STAGE_BYTES : STAGE_BYTES) / per_channel, 1,
+    // The inner loops sweep one staged row (plus one row of a) per channel,
+    // in the forward a tile of it at a time (flat: the forward's x vectors of
+    // a chunk stay in L1, its images in L2).
+    x_tile = forward && !flat ? std::min(Wv, FORWARD_X_TILE) : Wv;
+    const int64_t per_channel =
+        ROWS_IN_FLIGHT * (x_tile + 2 * pad_x + x_tile) * int64_t(sizeof(acc_t));
+    chunk = std::clamp<int64_t>((flat ? STAGED_CHUNK_BYTES : STAGE_BYTES) / per_channel, 1,
                                 std::max<int64_t>(C, 1));
     chunk = std::min(chunk, MAX_CHUNK);
+    if (x_tile < Wv) {  // and a chunk's staged rows, tiled in L1, stay in L2
+      const int64_t staged = (rows_b * WB + band_rows * Wv) * int64_t(sizeof(acc_t));
+      chunk = std::max<int64_t>(1, std::min(chunk, STAGED_CHUNK_BYTES / staged));
+    }
     // Chunks of equal size: no short last chunk paying a whole pass over the
     // accumulators, and the staged rows of one chunk stay in L2 (16 + 16
     // channels instead of 30 + 2).
