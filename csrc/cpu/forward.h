@@ -121,7 +121,8 @@ STCCL_ALWAYS_INLINE void zero_wrapped(const Layout<acc_t>& L, acc_t* acc) {
     if (dx == 0) continue;
     const int64_t x0 = dx < 0 ? 0 : std::max<int64_t>(W - dx, 0);
     const int64_t width = std::min(std::abs(dx), W);
-    for (int64_t y = 0; y < L.image_H; ++y) std::fill_n(acc + k * L.Wv + y * W + x0, width, acc_t(0));
+    for (int64_t y = 0; y < L.image_H; ++y)
+      std::fill_n(acc + k * L.Wv + y * W + x0, width, acc_t(0));
   }
 }
 

@@ -34,6 +34,7 @@ constexpr int64_t MIN_BAND_ROWS = 4, MAX_BAND_ROWS = 16, BAND_ELEMENTS = 448;
 // channels per chunk amortise the accumulator loads and stores; the whole
 // staged chunk lives in L2.
 constexpr int64_t STAGE_BYTES = 32 * 1024, ROWS_IN_FLIGHT = 1, MAX_CHUNK = 32;
+// What a chunk's staged whole images (flat) or tiled rows may take: L2.
 constexpr int64_t STAGED_CHUNK_BYTES = 256 * 1024;
 // The forward sweeps long rows in tiles of this many values: a chunk's tiles
 // fit in L1 where whole rows would not, so chunks stay large (W = 1024 took
@@ -91,12 +92,13 @@ struct Operand {
 // band is the whole image as one run of H*W values (its rows W apart, the
 // halo pad rows plus pad values before and after), SIMD over that run; a
 // neighbour at (dy, dx) is dy*W + dx away, so a step past a row's end wraps
-// into the next row: the forward zeroes those outputs (wrap_masks) and the
+// into the next row: the forward zeroes those outputs (zero_wrapped) and the
 // backward's weights are zero there. Short rows waste most of a row's vectors
 // and pay per-row costs for every channel (W = 7: 7 of 8 lanes, a staging
 // call and a halo per row); flat pays one call per channel. Flat needs each
 // operand's image rows to be one after the other in memory (y stride = W *
 // x stride): channels-first or channels-last, not a column slice.
+//
 // Sizes shared by every task of one call. Nothing here depends on the thread
 // count, so the summation order does not either. In the flat layout the
 // kernels see an image of one row of H*W values: H and W below are that
