@@ -83,7 +83,7 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
     // [rows][Wv] scale and shift, and in the staged rows (with the halo).
     const int64_t w_row = L.flat ? rr * W : rr * KK * Wv;
     const int64_t p_row = L.flat ? rr * W : rr * Wv;
-    const int64_t s_row = L.flat ? L.pad_x + rr * W : (rr + L.pad) * L.WB + L.pad;
+    const int64_t s_row = L.own_offset() + rr * L.row_step;
     acc_t* csum = shift + p_row;
     for (int64_t k = 0; k < KK; ++k) {
       const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);

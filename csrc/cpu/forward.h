@@ -115,6 +115,7 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
 // there. Per image row and offset, the first -dx or last dx columns.
 template <typename acc_t>
 STCCL_ALWAYS_INLINE void zero_wrapped(const Layout<acc_t>& L, acc_t* acc) {
+  if (!L.flat) return;
   const int64_t W = L.image_W;
   for (int64_t k = 0; k < L.KK; ++k) {
     const int64_t dx = offset_dx(k, L.K, L.dilation);
@@ -211,7 +212,7 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   else
     inverse_norms_in_place(L, args.normalize, args.eps, y0, rows, Wv, int64_t(0), inv_a,
                            static_cast<acc_t*>(nullptr));
-  if (L.flat) zero_wrapped(L, acc);
+  zero_wrapped(L, acc);
   write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
                args.out + n * L.KK * L.H * L.W);
 }

@@ -116,7 +116,7 @@ STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_
                                A.stage.data() + c0 * cs + L.own_offset(), cs, WB,
                                B.stage.data() + c0 * cs, acc);
   }
-  if (L.flat) zero_wrapped(L, acc);
+  zero_wrapped(L, acc);
   write_output(L, false, c.y0, c.rows, acc, A.inv.data() + L.own_offset(), WB, B.inv.data(),
                ws.out_rows.data(), args.out + (c.clip * pairs + c.t) * L.KK * L.H * L.W);
 }

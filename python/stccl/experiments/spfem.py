@@ -160,13 +160,17 @@ def fit(make_net, settings, seed, shortcut, target, loss_fn, progress):
     return net.eval().requires_grad_(False)
 
 
+# The opening regressor predicts openings times this (about 0.2 to 2).
+OPENING_SCALE = 10
+
+
 def opening_loss(pred, openings):
-    return F.mse_loss(pred.squeeze(1), openings * 10)
+    return F.mse_loss(pred.squeeze(1), openings * OPENING_SCALE)
 
 
 def predict_openings(regressor, clips):
     """(B, T) openings of every frame of (B, T, 3, S, S) clips."""
-    return regressor(clips.flatten(0, 1)).squeeze(1).unflatten(0, clips.shape[:2]) / 10
+    return regressor(clips.flatten(0, 1)).squeeze(1).unflatten(0, clips.shape[:2]) / OPENING_SCALE
 
 
 @dataclass
@@ -210,7 +214,7 @@ def build_world(settings: Settings, progress, seed: int = 0) -> World:
 
 def measure(world: World, clips: Clips, edited: torch.Tensor) -> dict:
     """The study's measurements of edited clips against their sources."""
-    B, T = edited.shape[:2]
+    T = edited.shape[1]
     predicted = predict_openings(world.regressor, edited)
     truth = clips.openings
     centred_p = predicted - predicted.mean(1, keepdim=True)
