@@ -43,6 +43,12 @@ using SelfBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const a
 using TemporalForwardSig = at::Tensor(const at::Tensor&, int64_t, int64_t, bool, double, int64_t);
 using TemporalBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        int64_t, int64_t, bool, double, int64_t);
+using SpatiotemporalForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, bool, double);
+using SpatiotemporalBackwardSig = at::Tensor(const std::optional<at::Tensor>&,
+                                             const std::optional<at::Tensor>&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, int64_t,
+                                             int64_t, int64_t, int64_t, int64_t, bool, double);
 
 // The ops, each looked up in the dispatcher once, for the Functions' forward
 // and backward and the backward ops' own autograd kernels.
@@ -69,6 +75,17 @@ const auto& temporal_forward_op() {
 const auto& temporal_backward_op() {
   static const auto op =
       find_op<TemporalBackwardSig>(STCCL_OP_NAME("_temporal_correlation_backward"));
+  return op;
+}
+
+const auto& spatiotemporal_forward_op() {
+  static const auto op =
+      find_op<SpatiotemporalForwardSig>(STCCL_OP_NAME("spatiotemporal_correlation"));
+  return op;
+}
+const auto& spatiotemporal_backward_op() {
+  static const auto op = find_op<SpatiotemporalBackwardSig>(
+      STCCL_OP_NAME("_spatiotemporal_correlation_backward"));
   return op;
 }
 
@@ -159,6 +176,46 @@ class TemporalCorrelation : public torch::autograd::Function<TemporalCorrelation
   }
 };
 
+class SpatiotemporalCorrelation : public torch::autograd::Function<SpatiotemporalCorrelation> {
+ public:
+  static constexpr bool is_traceable = true;  // see the top of this file
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& v, int64_t kernel_size,
+                               int64_t dilation, int64_t temporal_kernel_size,
+                               int64_t temporal_dilation, int64_t frame_stride, bool normalize,
+                               double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [spatial, temporal] = spatiotemporal_forward_op().call(
+        v, kernel_size, dilation, temporal_kernel_size, temporal_dilation, frame_stride,
+        normalize, eps);
+    save_window(ctx, {kernel_size, dilation, normalize, eps});
+    ctx->saved_data["temporal_kernel_size"] = temporal_kernel_size;
+    ctx->saved_data["temporal_dilation"] = temporal_dilation;
+    ctx->saved_data["frame_stride"] = frame_stride;
+    ctx->save_for_backward({v, spatial, temporal});
+    // A volume that receives no gradient is left out of the backward, not
+    // filled with zeros.
+    ctx->set_materialize_grads(false);
+    return {spatial, temporal};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Window w = saved_window(ctx);
+    auto optional = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    at::Tensor grad_v;
+    if (grad_outputs[0].defined() || grad_outputs[1].defined()) {
+      grad_v = spatiotemporal_backward_op().call(
+          optional(grad_outputs[0]), optional(grad_outputs[1]), saved[0], saved[1], saved[2],
+          w.kernel_size, w.dilation, ctx->saved_data["temporal_kernel_size"].toInt(),
+          ctx->saved_data["temporal_dilation"].toInt(), ctx->saved_data["frame_stride"].toInt(),
+          w.normalize, w.eps);
+    }
+    return with_no_grads_for({grad_v}, 7);
+  }
+};
+
 // The outputs of a backward op get a grad_fn that raises when reached: double
 // backward is not supported.
 template <typename... Inputs>
@@ -226,6 +283,33 @@ at::Tensor _temporal_correlation_backward(const at::Tensor& grad_out, const at::
                                          frame_stride);
   }
   refuse_double_backward({grad_v}, grad_out, v, out);
+  return grad_v;
+}
+
+std::tuple<at::Tensor, at::Tensor> spatiotemporal_correlation(
+    const at::Tensor& v, int64_t kernel_size, int64_t dilation, int64_t temporal_kernel_size,
+    int64_t temporal_dilation, int64_t frame_stride, bool normalize, double eps) {
+  const auto outputs =
+      SpatiotemporalCorrelation::apply(v, kernel_size, dilation, temporal_kernel_size,
+                                       temporal_dilation, frame_stride, normalize, eps);
+  return {outputs[0], outputs[1]};
+}
+
+at::Tensor _spatiotemporal_correlation_backward(
+    const std::optional<at::Tensor>& grad_spatial, const std::optional<at::Tensor>& grad_temporal,
+    const at::Tensor& v, const at::Tensor& spatial, const at::Tensor& temporal,
+    int64_t kernel_size, int64_t dilation, int64_t temporal_kernel_size,
+    int64_t temporal_dilation, int64_t frame_stride, bool normalize, double eps) {
+  at::Tensor grad_v;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    grad_v = spatiotemporal_backward_op().call(grad_spatial, grad_temporal, v, spatial, temporal,
+                                               kernel_size, dilation, temporal_kernel_size,
+                                               temporal_dilation, frame_stride, normalize, eps);
+  }
+  const at::Tensor none;
+  refuse_double_backward({grad_v}, grad_spatial.value_or(none), grad_temporal.value_or(none), v,
+                         spatial, temporal);
   return grad_v;
 }
 

@@ -32,12 +32,14 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* o
               " must be on the device of ", ref_name, " (", ref.device(), "), got ", t.device());
 }
 
-inline void check_window(const Window& w, const char* op) {
-  TORCH_CHECK(w.kernel_size >= 1 && w.kernel_size % 2 == 1, "stccl_ops.", op,
-              ": kernel_size must be a positive odd integer, got ", w.kernel_size);
-  TORCH_CHECK(w.kernel_size <= MAX_KERNEL_SIZE, "stccl_ops.", op, ": kernel_size must be <= ",
-              MAX_KERNEL_SIZE, ", got ", w.kernel_size);
-  TORCH_CHECK(w.dilation >= 1, "stccl_ops.", op, ": dilation must be >= 1, got ", w.dilation);
+// prefix: "temporal_" for the second window of spatiotemporal_correlation.
+inline void check_window(const Window& w, const char* op, const char* prefix = "") {
+  TORCH_CHECK(w.kernel_size >= 1 && w.kernel_size % 2 == 1, "stccl_ops.", op, ": ", prefix,
+              "kernel_size must be a positive odd integer, got ", w.kernel_size);
+  TORCH_CHECK(w.kernel_size <= MAX_KERNEL_SIZE, "stccl_ops.", op, ": ", prefix,
+              "kernel_size must be <= ", MAX_KERNEL_SIZE, ", got ", w.kernel_size);
+  TORCH_CHECK(w.dilation >= 1, "stccl_ops.", op, ": ", prefix, "dilation must be >= 1, got ",
+              w.dilation);
   TORCH_CHECK(w.eps > 0, "stccl_ops.", op, ": eps must be > 0, got ", w.eps);
 }
 

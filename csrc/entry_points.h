@@ -5,6 +5,11 @@
 //   temporal_forward(v, window, frame_stride) -> out
 //   backward(grad_out, a, b, out, window, need_a, need_b, self) -> (grad_a, grad_b)
 //   temporal_backward(grad_out, v, out, window, frame_stride) -> grad_v
+//   spatiotemporal_forward(v, spatial_window, temporal_window, frame_stride)
+//       -> (spatial, temporal)
+//   spatiotemporal_backward(grad_spatial, grad_temporal, v, spatial, temporal,
+//       spatial_window, temporal_window, frame_stride) -> grad_v (an undefined
+//       grad_*: that volume contributes nothing)
 // and registers EntryPoints<Backend>::kernels for its dispatch key.
 #pragma once
 
@@ -89,6 +94,40 @@ struct EntryPoints {
     check_volume(grad_out, pairs.first, kernel_size, op, "grad_out");
     check_volume(out, pairs.first, kernel_size, op, "out");
     return Backend::temporal_backward(grad_out, v, out, w, frame_stride);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> spatiotemporal_correlation(
+      const at::Tensor& v, int64_t kernel_size, int64_t dilation, int64_t temporal_kernel_size,
+      int64_t temporal_dilation, int64_t frame_stride, bool normalize, double eps) {
+    const char* op = "spatiotemporal_correlation";
+    const Window ws{kernel_size, dilation, normalize, eps};
+    const Window wt{temporal_kernel_size, temporal_dilation, normalize, eps};
+    check_clip(v, frame_stride, op);
+    check_window(ws, op);
+    check_window(wt, op, "temporal_");
+    return Backend::spatiotemporal_forward(v, ws, wt, frame_stride);
+  }
+
+  static at::Tensor _spatiotemporal_correlation_backward(
+      const std::optional<at::Tensor>& grad_spatial, const std::optional<at::Tensor>& grad_temporal,
+      const at::Tensor& v, const at::Tensor& spatial, const at::Tensor& temporal,
+      int64_t kernel_size, int64_t dilation, int64_t temporal_kernel_size,
+      int64_t temporal_dilation, int64_t frame_stride, bool normalize, double eps) {
+    const char* op = "_spatiotemporal_correlation_backward";
+    const Window ws{kernel_size, dilation, normalize, eps};
+    const Window wt{temporal_kernel_size, temporal_dilation, normalize, eps};
+    check_clip(v, frame_stride, op);
+    check_window(ws, op);
+    check_window(wt, op, "temporal_");
+    const auto pairs = frame_pairs(v, frame_stride);
+    check_volume(spatial, v, kernel_size, op, "spatial");
+    check_volume(temporal, pairs.first, temporal_kernel_size, op, "temporal");
+    const at::Tensor none;
+    const at::Tensor& gs = grad_spatial.has_value() ? *grad_spatial : none;
+    const at::Tensor& gt = grad_temporal.has_value() ? *grad_temporal : none;
+    if (gs.defined()) check_volume(gs, v, kernel_size, op, "grad_spatial");
+    if (gt.defined()) check_volume(gt, pairs.first, temporal_kernel_size, op, "grad_temporal");
+    return Backend::spatiotemporal_backward(gs, gt, v, spatial, temporal, ws, wt, frame_stride);
   }
 
   static void kernels(torch::Library& m) { STCCL_FOR_EACH_OP(STCCL_IMPL_OP) }

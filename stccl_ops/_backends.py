@@ -43,6 +43,13 @@ class Backend:
         return self.local(v[:, :-frame_stride], v[:, frame_stride:], kernel_size, dilation,
                           normalize, eps)
 
+    def spatiotemporal(self, v, kernel_size, dilation, temporal_kernel_size, temporal_dilation,
+                       frame_stride, normalize, eps):
+        """(spatial, temporal) of a clip; backends with a fused op read it once."""
+        return (self.self_correlation(v, kernel_size, dilation, normalize, eps),
+                self.temporal(v, temporal_kernel_size, temporal_dilation, normalize, eps,
+                              frame_stride))
+
 
 class ReferenceBackend(Backend):
     name = "reference"
@@ -90,6 +97,12 @@ class ExtensionBackend(Backend):
     def temporal(self, v, kernel_size, dilation, normalize, eps, frame_stride):
         # One op whose backward writes the clip gradient directly.
         return self.ops.temporal_correlation(v, kernel_size, dilation, normalize, eps, frame_stride)
+
+    def spatiotemporal(self, v, kernel_size, dilation, temporal_kernel_size, temporal_dilation,
+                       frame_stride, normalize, eps):
+        return self.ops.spatiotemporal_correlation(v, kernel_size, dilation, temporal_kernel_size,
+                                                   temporal_dilation, frame_stride, normalize,
+                                                   eps)
 
     forward_op = property(lambda self: self.ops.local_correlation)
     backward_op = property(lambda self: self.ops._local_correlation_backward)

@@ -34,6 +34,14 @@ def volume_shape(shape: torch.Size, kernel_size: int) -> tuple[int, ...]:
     return (*shape[:-3], kernel_size * kernel_size, *shape[-2:])
 
 
+def spatiotemporal_fake(v: torch.Tensor, kernel_size: int, temporal_kernel_size: int,
+                        frame_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (spatial, temporal) volumes of a clip (B, T, C, H, W), empty."""
+    B, T, C, H, W = v.shape
+    return (v.new_empty(B, T, kernel_size * kernel_size, H, W),
+            v.new_empty(B, T - frame_stride, temporal_kernel_size * temporal_kernel_size, H, W))
+
+
 def _register_extension_ops(ns: str) -> None:
     """Fake kernels and autocast of the C++/CUDA ops (csrc/ops.h) in namespace `ns`."""
 
@@ -63,7 +71,18 @@ def _register_extension_ops(ns: str) -> None:
     def _(grad_out, v, out, kernel_size, dilation, normalize, eps, frame_stride):
         return v.new_empty(v.shape)
 
-    for name in ("local_correlation", "self_correlation", "temporal_correlation"):
+    @torch.library.register_fake(f"{ns}::spatiotemporal_correlation")
+    def _(v, kernel_size, dilation, temporal_kernel_size, temporal_dilation, frame_stride,
+          normalize, eps):
+        return spatiotemporal_fake(v, kernel_size, temporal_kernel_size, frame_stride)
+
+    @torch.library.register_fake(f"{ns}::_spatiotemporal_correlation_backward")
+    def _(grad_spatial, grad_temporal, v, spatial, temporal, kernel_size, dilation,
+          temporal_kernel_size, temporal_dilation, frame_stride, normalize, eps):
+        return v.new_empty(v.shape)
+
+    for name in ("local_correlation", "self_correlation", "temporal_correlation",
+                 "spatiotemporal_correlation"):
         register_autocast(f"{ns}::{name}")
 
 

@@ -87,6 +87,10 @@ def spatiotemporal_correlation(v: torch.Tensor, kernel_size: int = 3, dilation: 
     """Both STCCL volumes of a clip v (B, T, C, H, W): the spatial
     self-correlation of every frame and the temporal correlation of frame t
     with frame t + frame_stride. Returns ``SpatioTemporal(spatial, temporal)``.
+
+    The compiled backends compute both from one read of the clip (the op
+    stccl_ops::spatiotemporal_correlation) and, in the backward, the clip's
+    gradient of both volumes in one pass.
     """
     fn = "spatiotemporal_correlation"
     check_tensor(fn, "v", v, (5,))
@@ -95,7 +99,6 @@ def spatiotemporal_correlation(v: torch.Tensor, kernel_size: int = 3, dilation: 
     check_frame_stride(fn, frame_stride, v.shape[1])
     (v,) = autocast_float32(v)
     impl = _backends.resolve(fn, backend, v.device)
-    spatial = impl.self_correlation(v, kernel_size, dilation, normalize, float(eps))
-    temporal = impl.temporal(v, temporal_kernel_size, temporal_dilation, normalize, float(eps),
-                             frame_stride)
-    return SpatioTemporal(spatial, temporal)
+    return SpatioTemporal(*impl.spatiotemporal(v, kernel_size, dilation, temporal_kernel_size,
+                                               temporal_dilation, frame_stride, normalize,
+                                               float(eps)))

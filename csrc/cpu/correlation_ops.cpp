@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -72,13 +74,13 @@ struct BackwardBand {
   template <bool AVX2, typename... Args>
   STCCL_ALWAYS_INLINE static void run(Args&... args) { backward_band(args...); }
 };
-struct TemporalForwardBand {
+struct ClipForwardBand {
   template <bool AVX2, typename... Args>
-  STCCL_ALWAYS_INLINE static void run(Args&... args) { temporal_forward_band<AVX2>(args...); }
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { clip_forward_band<AVX2>(args...); }
 };
-struct TemporalBackwardBand {
+struct ClipBackwardBand {
   template <bool AVX2, typename... Args>
-  STCCL_ALWAYS_INLINE static void run(Args&... args) { temporal_backward_band(args...); }
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { clip_backward_band(args...); }
 };
 
 // The ISA dispatch, once for every band kernel: each is compiled twice, and
@@ -107,13 +109,13 @@ auto pick_isa() {
 
 // Runs every band task with Band's kernel for this processor; each thread
 // gets a contiguous range of tasks (so neighbouring bands share cached halo
-// rows) and one workspace WS. The fence orders the range's streamed stores
-// before the join.
-template <typename Band, typename WS, typename Args, typename acc_t>
-void run_bands(const Layout<acc_t>& L, const Args& args) {
+// rows) and one workspace WS(L, ws_args...). The fence orders the range's
+// streamed stores before the join.
+template <typename Band, typename WS, typename Args, typename acc_t, typename... WSArgs>
+void run_bands(const Layout<acc_t>& L, const Args& args, const WSArgs&... ws_args) {
   const auto band = pick_isa<Band, WS, Args, acc_t>();
   at::parallel_for(0, L.tasks(), 1, [&](int64_t begin, int64_t end) {
-    WS ws(L);
+    WS ws(L, ws_args...);
     for (int64_t task = begin; task < end; ++task) band(args, L, task, ws);
     stream_fence();
   });
@@ -159,31 +161,90 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bo
   return out;
 }
 
-// temporal_correlation: each frame staged once (temporal_forward_band) when
-// a band of all channels fits the staging bound, else the two frame views
+// The layout of the clip passes' bands, tasks (clip, band, frame): the
+// temporal window's, staging the halo of the larger of the two windows when
+// the spatial one (`spatial`, may be null) is computed in the same pass.
+template <typename acc_t>
+Layout<acc_t> clip_layout(const at::Tensor& v, const Window& temporal, const Window* spatial,
+                          bool forward) {
+  const auto shape = dims(v);
+  const int64_t H = shape[2], W = shape[3];
+  Layout<acc_t> L(v.size(0), shape[1], H, W, temporal, forward, flat_ok(H, W, {&v}),
+                  spatial ? spatial->pad() : 0);
+  L.N = v.size(0) * v.size(1);
+  return L;
+}
+
+// The spatial window's layout over the same staged bands as `clip` (see
+// Layout's stage_pad): every size but the offsets agrees.
+template <typename acc_t>
+Layout<acc_t> spatial_layout(const at::Tensor& v, const Window& spatial,
+                             const Layout<acc_t>& clip, bool forward) {
+  const auto shape = dims(v);
+  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial, forward, flat_ok(shape[2], shape[3], {&v}),
+                  clip.pad);
+  TORCH_INTERNAL_ASSERT(L.WB == clip.WB && L.rows_b == clip.rows_b && L.chunk == clip.chunk &&
+                        L.stage_cstride == clip.stage_cstride && L.flat == clip.flat);
+  return L;
+}
+
+// Both volumes of a clip from one forward pass (clip_forward_band): `spatial`
+// (B, T, K*K, H, W) unless `ws` is null, `temporal` (B, T - s, Kt*Kt, H, W).
+// Needs layouts that stage whole bands; returns false (nothing computed)
+// otherwise.
+template <typename scalar_t>
+bool clip_forward(const at::Tensor& v, const Window& wt, const Window* ws, int64_t frame_stride,
+                  at::Tensor& temporal, at::Tensor& spatial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, /*forward=*/true);
+  if (!L.whole_stage) return false;
+  const int64_t T = v.size(1), pairs = T - frame_stride;
+  std::optional<Layout<acc_t>> Ls;
+  if (ws) Ls.emplace(spatial_layout<acc_t>(v, *ws, L, /*forward=*/true));
+  temporal = result(correlation_shape(frame_pairs(v, frame_stride).first, wt.kernel_size),
+                    v.options());
+  if (ws) spatial = result(correlation_shape(v, ws->kernel_size), v.options());
+  if (temporal.numel() == 0) return true;  // no pixels or no clips: both volumes are empty
+  if (!ws) L.N = v.size(0) * pairs;  // tasks (clip, band, pair)
+  const ClipForwardArgs<scalar_t, acc_t> args{
+      operand<scalar_t>(v), temporal.mutable_data_ptr<scalar_t>(),
+      ws ? spatial.mutable_data_ptr<scalar_t>() : nullptr, Ls ? &*Ls : nullptr, T, frame_stride,
+      wt.normalize, static_cast<acc_t>(wt.eps)};
+  run_bands<ClipForwardBand, ClipWorkspace<acc_t>>(L, args, args.spatial_layout);
+  if (ws) mirror_self_correlation(args.spatial, L.N, L.image_H, L.image_W, *ws);
+  return true;
+}
+
+// temporal_correlation: each frame staged once (clip_forward_band) when a
+// band of all channels fits the staging bound, else the two frame views
 // correlated like any a and b.
 at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_stride) {
-  const auto [a, b] = frame_pairs(v, frame_stride);
-  const auto shape = dims(v);
-  const auto out_shape = correlation_shape(a, w.kernel_size);
-  at::Tensor out;  // stays undefined when the bands do not fit
+  at::Tensor out, unused;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*forward=*/true,
-                    flat_ok(shape[2], shape[3], {&v}));
-    if (!L.whole_stage) return;
-    out = result(out_shape, v.options());
-    if (out.numel() == 0) return;
-    const int64_t pairs = v.size(1) - frame_stride;
-    L.N = v.size(0) * pairs;  // tasks: (clip, band, pair)
-    const TemporalForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(v),
-                                                    out.mutable_data_ptr<scalar_t>(), v.size(1),
-                                                    frame_stride, w.normalize,
-                                                    static_cast<acc_t>(w.eps)};
-    run_bands<TemporalForwardBand, TemporalWorkspace<acc_t>>(L, args);
+    done = clip_forward<scalar_t>(v, w, nullptr, frame_stride, out, unused);
   });
-  if (!out.defined()) return forward(a, b, w, /*self=*/false);
-  return out;
+  if (done) return out;
+  const auto [a, b] = frame_pairs(v, frame_stride);
+  return forward(a, b, w, /*self=*/false);
+}
+
+// spatiotemporal_correlation: both volumes from one staging of each frame
+// band (clip_forward_band) when a band of all channels fits the staging
+// bound, else the self and temporal passes one after the other.
+std::tuple<at::Tensor, at::Tensor> spatiotemporal_forward(const at::Tensor& v,
+                                                          const Window& spatial_window,
+                                                          const Window& temporal_window,
+                                                          int64_t frame_stride) {
+  at::Tensor spatial, temporal;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "spatiotemporal_correlation_cpu", [&] {
+    done = clip_forward<scalar_t>(v, temporal_window, &spatial_window, frame_stride, temporal,
+                                  spatial);
+  });
+  if (done) return {spatial, temporal};
+  return {forward(v, v, spatial_window, /*self=*/true),
+          temporal_forward(v, temporal_window, frame_stride)};
 }
 
 // Gradients of a and/or b (of x when self), both from one pass over the bands.
@@ -209,24 +270,48 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   return {grad_a, grad_b};
 }
 
-// The clip gradient of temporal_correlation, frame by frame (see
-// temporal_backward_band).
-at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
-                             const at::Tensor& out, const Window& w, int64_t frame_stride) {
+// The clip gradient of the temporal volume (grad_temporal) and of the spatial
+// one (grad_spatial, with `ws`), in one pass frame by frame (see
+// clip_backward_band); an undefined grad_* contributes nothing.
+at::Tensor clip_backward(const at::Tensor& grad_spatial, const at::Tensor& grad_temporal,
+                         const at::Tensor& v, const at::Tensor& spatial,
+                         const at::Tensor& temporal, const Window* ws, const Window& wt,
+                         int64_t frame_stride) {
   auto grad = result(v.sizes(), v.options());
   if (grad.numel() == 0) return grad;
-  const auto shape = dims(v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_correlation_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "clip_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(shape[0], shape[1], shape[2], shape[3], w, /*forward=*/false,
-                          flat_ok(shape[2], shape[3], {&v}));
-    const TemporalBackwardArgs<scalar_t, acc_t> args{
-        operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(v),
-        grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride, w.normalize,
-        static_cast<acc_t>(w.eps)};
-    run_bands<TemporalBackwardBand, BackwardWorkspace<acc_t>>(L, args);
+    const Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, /*forward=*/false);
+    std::optional<Layout<acc_t>> Ls;
+    if (ws && grad_spatial.defined())
+      Ls.emplace(spatial_layout<acc_t>(v, *ws, L, /*forward=*/false));
+    auto maybe = [](const at::Tensor& t) {
+      return t.defined() ? operand<scalar_t>(t) : Operand<scalar_t>{nullptr, {}, nullptr};
+    };
+    const bool with_temporal = grad_temporal.defined();
+    const ClipBackwardArgs<scalar_t, acc_t> args{
+        maybe(grad_temporal), with_temporal ? operand<scalar_t>(temporal) : maybe(at::Tensor()),
+        Ls ? operand<scalar_t>(grad_spatial) : maybe(at::Tensor()),
+        Ls ? operand<scalar_t>(spatial) : maybe(at::Tensor()), Ls ? &*Ls : nullptr,
+        operand<scalar_t>(v), grad.mutable_data_ptr<scalar_t>(), v.size(1), frame_stride,
+        wt.normalize, static_cast<acc_t>(wt.eps)};
+    run_bands<ClipBackwardBand, ClipBackwardWorkspace<acc_t>>(L, args, args.spatial_layout);
   });
   return grad;
+}
+
+at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
+                             const at::Tensor& out, const Window& w, int64_t frame_stride) {
+  return clip_backward(at::Tensor(), grad_out, v, at::Tensor(), out, nullptr, w, frame_stride);
+}
+
+at::Tensor spatiotemporal_backward(const at::Tensor& grad_spatial,
+                                   const at::Tensor& grad_temporal, const at::Tensor& v,
+                                   const at::Tensor& spatial, const at::Tensor& temporal,
+                                   const Window& spatial_window, const Window& temporal_window,
+                                   int64_t frame_stride) {
+  return clip_backward(grad_spatial, grad_temporal, v, spatial, temporal, &spatial_window,
+                       temporal_window, frame_stride);
 }
 
 struct Cpu {
@@ -234,6 +319,8 @@ struct Cpu {
   static constexpr auto temporal_forward = cpu::temporal_forward;
   static constexpr auto backward = cpu::backward;
   static constexpr auto temporal_backward = cpu::temporal_backward;
+  static constexpr auto spatiotemporal_forward = cpu::spatiotemporal_forward;
+  static constexpr auto spatiotemporal_backward = cpu::spatiotemporal_backward;
 };
 
 }  // namespace

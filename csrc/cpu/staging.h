@@ -125,16 +125,21 @@ struct Layout {
   bool whole_stage; // the backward stages all channels of a band at once
   bool single_run;  // a task's results are written as one run (see SINGLE_RUN_BYTES)
   bool single_gradient_run;  // the backward's too
+  int64_t inset;    // where this window's reach starts in staged rows (see stage_pad)
 
   // forward: the forward pass's layout, with bands at least as tall as the
   // halo (2 * pad rows), so that large windows do not re-stage the same rows
   // many times; the backward keeps short bands, whose per-offset weight
   // buffers (band_rows * K*K * W) must stay small. flat_ok: every operand can
-  // be read flat (see LayoutChoice).
+  // be read flat (see LayoutChoice). stage_pad: the halo staged around a band
+  // when it is larger than the window's reach (two windows over one staging:
+  // both layouts, built with the larger reach, agree on every size but the
+  // offsets; the smaller window reads the staged rows from `inset` on).
   Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, bool forward,
-         bool flat_ok)
+         bool flat_ok, int64_t stage_pad = 0)
       : N(N_), C(C_), H(H_), W(W_), K(window.kernel_size), KK(window.offsets()),
-        dilation(window.dilation), pad(window.pad()), image_H(H_), image_W(W_) {
+        dilation(window.dilation), pad(std::max(window.pad(), stage_pad)), image_H(H_),
+        image_W(W_) {
     constexpr int64_t V = Simd<acc_t>::lanes;
     const LayoutChoice choice = layout_choice();
     flat = flat_ok && choice != LayoutChoice::Rows &&
@@ -185,6 +190,7 @@ struct Layout {
                  std::max(KK, chunk) * H * W * int64_t(sizeof(acc_t)) <= SINGLE_RUN_BYTES;
     single_gradient_run =
         single_run && H * W * int64_t(sizeof(acc_t)) <= SINGLE_GRADIENT_RUN_BYTES;
+    inset = (pad - window.pad()) * (row_step + 1);
   }
   int64_t tasks() const { return N * bands; }
   // Elements of the buffer that gathers `runs` runs of a band before streaming.

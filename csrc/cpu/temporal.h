@@ -1,5 +1,7 @@
-// The temporal passes over a clip (B, T, C, H, W): frame t against frame
-// t + s, each frame staged once per band and read in both of its roles.
+// The passes over a clip (B, T, C, H, W): the temporal correlation (frame t
+// against frame t + s) and, in the same pass, the spatial self-correlation of
+// every frame (spatiotemporal_correlation). Each frame is staged once per
+// band and read in all of its roles.
 #pragma once
 
 #include "backward.h"
@@ -16,12 +18,17 @@ STCCL_ALWAYS_INLINE Operand<scalar_t> image_view(const Operand<scalar_t>& op, in
   return view;
 }
 
+// The band's layout `L` is the temporal window's; the spatial window has its
+// own (`spatial`, built with the same staged halo, see Layout's stage_pad),
+// null when the pass computes no spatial volume.
 template <typename scalar_t, typename acc_t>
-struct TemporalBackwardArgs {
-  Operand<scalar_t> grad_out, out;  // (B, T - s, K*K, H, W)
-  Operand<scalar_t> v;              // (B, T, C, H, W)
-  scalar_t* grad;                   // contiguous (B, T, C, H, W)
-  int64_t frames, stride;           // T, s
+struct ClipBackwardArgs {
+  Operand<scalar_t> grad_out, out;          // temporal (B, T - s, Kt*Kt, H, W); data null: none
+  Operand<scalar_t> grad_spatial, spatial;  // (B, T, K*K, H, W); data null: no spatial term
+  const Layout<acc_t>* spatial_layout;
+  Operand<scalar_t> v;                      // (B, T, C, H, W)
+  scalar_t* grad;                           // contiguous (B, T, C, H, W)
+  int64_t frames, stride;                   // T, s
   bool normalize;
   acc_t eps;
 };
@@ -74,74 +81,119 @@ STCCL_ALWAYS_INLINE ClipTask clip_task(const Layout<acc_t>& L, int64_t task, int
 }
 
 template <typename scalar_t, typename acc_t>
-struct TemporalForwardArgs {
-  Operand<scalar_t> v;     // (B, T, C, H, W)
-  scalar_t* out;           // contiguous (B, T - s, K*K, H, W)
-  int64_t frames, stride;  // T, s
+struct ClipForwardArgs {
+  Operand<scalar_t> v;         // (B, T, C, H, W)
+  scalar_t* temporal;          // contiguous (B, T - s, Kt*Kt, H, W)
+  scalar_t* spatial;           // contiguous (B, T, K*K, H, W), or null: no spatial volume
+  const Layout<acc_t>* spatial_layout;  // its window's layout (see ClipBackwardArgs)
+  int64_t frames, stride;      // T, s
   bool normalize;
   acc_t eps;
 };
 
-// Per-thread scratch of the temporal forward.
+// Per-thread scratch of the clip forward: sums for the larger window.
 template <typename acc_t>
-struct TemporalWorkspace {
+struct ClipWorkspace {
   StagedBands<acc_t> staged;  // frames, whole bands
   Buffer<acc_t> acc, out_rows;
-  explicit TemporalWorkspace(const Layout<acc_t>& L)
+  ClipWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* spatial)
       : staged(L),
-        acc(L.band_rows * L.KK * L.Wv),
-        out_rows(L.run_buffer(L.KK)) {}
+        acc(L.band_rows * std::max(L.KK, spatial ? spatial->KK : 0) * L.Wv),
+        out_rows(std::max(L.run_buffer(L.KK), spatial ? spatial->run_buffer(spatial->KK) : 0)) {}
 };
 
-// One band of pair t (frames t and t + s) of temporal_correlation, for
-// layouts that stage whole bands. Tasks run pair after pair within a band of
-// a clip, and each frame is staged once with its halo and norms, as the b of
-// one pair and then (with s = 1: in the next task) read in place as the a of
-// another: half the reads of correlating the two frame views.
+// One band of frame t of a clip, for layouts that stage whole bands: the
+// frame's spatial self-correlation (when asked for) and its temporal
+// correlation with frame t + s (when there is one). Tasks run frame after
+// frame within a band of a clip, and each frame is staged once with its halo
+// and norms: as the b of pair t - s and then (with s = 1: in the next task)
+// in place as the a of pair t and as both operands of its spatial volume.
+// A temporal-only pass runs the pairs alone.
 template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void temporal_forward_band(const TemporalForwardArgs<scalar_t, acc_t>& args,
-                                               const Layout<acc_t>& L, int64_t task,
-                                               TemporalWorkspace<acc_t>& ws) {
+STCCL_ALWAYS_INLINE void clip_forward_band(const ClipForwardArgs<scalar_t, acc_t>& args,
+                                           const Layout<acc_t>& L, int64_t task,
+                                           ClipWorkspace<acc_t>& ws) {
   const int64_t s = args.stride, pairs = args.frames - s;
-  const ClipTask c = clip_task(L, task, pairs, args.frames);
-  const int64_t WB = L.WB, cs = L.stage_cstride;
+  const ClipTask c = clip_task(L, task, args.spatial ? args.frames : pairs, args.frames);
+  const int64_t WB = L.WB, cs = L.stage_cstride, own = L.own_offset();
   StagedBand<acc_t>& A = stage_frame(image_view(args.v, c.frame), args.normalize, args.eps, L,
                                      c.frame, c.band, c.y0, c.rows_b, ws.staged);
-  StagedBand<acc_t>& B = stage_frame(image_view(args.v, c.frame + s), args.normalize, args.eps, L,
-                                     c.frame + s, c.band, c.y0, c.rows_b, ws.staged);
   acc_t* acc = ws.acc.data();
-  std::fill_n(acc, c.rows * L.KK * L.Wv, acc_t(0));
-  for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
-    correlate_chunk<ROW_PAIRS>(L, false, c.rows, std::min(L.chunk, L.C - c0),
-                               A.stage.data() + c0 * cs + L.own_offset(), cs, WB,
-                               B.stage.data() + c0 * cs, acc);
+  // The volume of one window of frame t against `other` (frame t itself for
+  // the spatial one) into `out`, the frame's (K*K, H, W).
+  auto volume = [&](const Layout<acc_t>& Lw, bool self, const StagedBand<acc_t>& other,
+                    scalar_t* out) STCCL_LAMBDA_INLINE {
+    std::fill_n(acc, c.rows * Lw.KK * Lw.Wv, acc_t(0));
+    for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
+      correlate_chunk<ROW_PAIRS>(Lw, self, c.rows, std::min(L.chunk, L.C - c0),
+                                 A.stage.data() + c0 * cs + own, cs, WB,
+                                 other.stage.data() + c0 * cs + Lw.inset, acc);
+    }
+    zero_wrapped(Lw, acc);
+    write_output(Lw, self, c.y0, c.rows, acc, A.inv.data() + own, WB,
+                 other.inv.data() + Lw.inset, ws.out_rows.data(), out);
+  };
+  const int64_t image_volume = L.H * L.W;
+  if (args.spatial) {
+    const Layout<acc_t>& Ls = *args.spatial_layout;
+    volume(Ls, true, A, args.spatial + c.frame * Ls.KK * image_volume);
   }
-  zero_wrapped(L, acc);
-  write_output(L, false, c.y0, c.rows, acc, A.inv.data() + L.own_offset(), WB, B.inv.data(),
-               ws.out_rows.data(), args.out + (c.clip * pairs + c.t) * L.KK * L.H * L.W);
+  if (c.t < pairs) {
+    StagedBand<acc_t>& B = stage_frame(image_view(args.v, c.frame + s), args.normalize, args.eps,
+                                       L, c.frame + s, c.band, c.y0, c.rows_b, ws.staged);
+    volume(L, false, B, args.temporal + (c.clip * pairs + c.t) * L.KK * image_volume);
+  }
 }
 
-// One band of frame t of the clip gradient of temporal_correlation: frame t
-// is the `a` of pair t (against t + s) and the `b` of pair t - s, so
-// grad_v[t] = inv_t * (sum_k w_A other_{t+s} + sum_k w_B other_{t-s})
-//             - (shift_A + shift_B) v_t,
-// gathered into one accumulator and written once (no slice-and-add of two
-// view gradients). Tasks run frame by frame within a band of a clip, so with
-// s = 1 two of the three frames a task needs were staged by the task before.
+// Per-thread scratch of the clip backward: the temporal terms' of
+// BackwardWorkspace and the spatial term's weights and shift.
+template <typename acc_t>
+struct ClipBackwardWorkspace : BackwardWorkspace<acc_t> {
+  Buffer<acc_t> w_s, shift_s;
+  ClipBackwardWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* spatial)
+      : BackwardWorkspace<acc_t>(L),
+        w_s(spatial ? L.band_rows * spatial->KK * L.Wv : 0),
+        shift_s(spatial ? L.band_rows * L.Wv : 0) {}
+};
+
+// One band of frame t of the clip gradient. Frame t is the `a` of pair t
+// (against t + s), the `b` of pair t - s and, with a spatial volume, both
+// operands of its own self-correlation, so
+//   grad_v[t] = inv_t * (sum_k w_S own_t + sum_k w_A other_{t+s} + sum_k w_B other_{t-s})
+//               - (shift_S + shift_A + shift_B) v_t,
+// gathered into one accumulator and written once (no slice-and-add of view
+// gradients, no second pass for the other volume). Tasks run frame by frame
+// within a band of a clip, so with s = 1 two of the three frames a task
+// needs were staged by the task before.
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scalar_t, acc_t>& args,
-                                                const Layout<acc_t>& L, int64_t task,
-                                                BackwardWorkspace<acc_t>& ws) {
+STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc_t>& args,
+                                            const Layout<acc_t>& L, int64_t task,
+                                            ClipBackwardWorkspace<acc_t>& ws) {
   const int64_t T = args.frames, s = args.stride, pairs = T - s;
   const ClipTask c = clip_task(L, task, T, T);
   const int64_t t = c.t, m = c.frame, band = c.band, y0 = c.y0, rows = c.rows, rows_b = c.rows_b;
   const int64_t pair_base = c.clip * pairs;
-  const bool has_next = t + s < T, has_prev = t >= s;
+  const bool temporal = args.grad_out.data != nullptr;
+  const bool has_next = temporal && t + s < T, has_prev = temporal && t >= s;
+  const bool has_self = args.grad_spatial.data != nullptr;
   const Operand<scalar_t> own = image_view(args.v, m);
   BackwardArgs<scalar_t, acc_t> term{args.grad_out, args.out, own, own, nullptr, nullptr,
                                      args.normalize, false, args.eps};
   StagedBand<acc_t>& own_band =
       stage_frame(own, args.normalize, args.eps, L, m, band, y0, rows_b, ws.staged);
+  // Every term's scale is the inverse norm of v_t: one buffer for all.
+  acc_t* scale = ws.scale_a.data();
+  auto weights = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
+                     const Operand<scalar_t>& out, const StagedBand<acc_t>& other, acc_t* w,
+                     acc_t* shift) STCCL_LAMBDA_INLINE {
+    term.grad_out = grad_out;
+    term.out = out;
+    gradient_weights(term, Lw, mode, 0, y0, rows, own_band.inv.data(), own_band.pass.data(),
+                     other.inv.data(), w, scale, shift, ws.volume_rows.data());
+  };
+  if (has_self)
+    weights(*args.spatial_layout, GradMode::Self, image_view(args.grad_spatial, m),
+            image_view(args.spatial, m), own_band, ws.w_s.data(), ws.shift_s.data());
   StagedBand<acc_t>* next_band = nullptr;
   StagedBand<acc_t>* prev_band = nullptr;
   Operand<scalar_t> next = own, prev = own;
@@ -149,44 +201,48 @@ STCCL_ALWAYS_INLINE void temporal_backward_band(const TemporalBackwardArgs<scala
     next = image_view(args.v, m + s);
     next_band = &stage_frame(next, args.normalize, args.eps, L, m + s, band, y0, rows_b,
                              ws.staged);
-    term.grad_out = image_view(args.grad_out, pair_base + t);
-    term.out = image_view(args.out, pair_base + t);
-    gradient_weights(term, L, GradMode::A, 0, y0, rows, own_band.inv.data(),
-                     own_band.pass.data(), next_band->inv.data(), ws.w_a.data(),
-                     ws.scale_a.data(), ws.shift_a.data(), ws.volume_rows.data());
+    weights(L, GradMode::A, image_view(args.grad_out, pair_base + t),
+            image_view(args.out, pair_base + t), *next_band, ws.w_a.data(), ws.shift_a.data());
   }
   if (has_prev) {
     prev = image_view(args.v, m - s);
     prev_band = &stage_frame(prev, args.normalize, args.eps, L, m - s, band, y0, rows_b,
                              ws.staged);
-    term.grad_out = image_view(args.grad_out, pair_base + t - s);
-    term.out = image_view(args.out, pair_base + t - s);
-    gradient_weights(term, L, GradMode::B, 0, y0, rows, own_band.inv.data(),
-                     own_band.pass.data(), prev_band->inv.data(), ws.w_b.data(),
-                     ws.scale_b.data(), ws.shift_b.data(), ws.volume_rows.data());
+    weights(L, GradMode::B, image_view(args.grad_out, pair_base + t - s),
+            image_view(args.out, pair_base + t - s), *prev_band, ws.w_b.data(),
+            ws.shift_b.data());
   }
-  // Both terms share the scale (the inverse norm of v_t); their shifts add up.
+  // The terms' shifts add up (A, then S, then B) in shift_a.
   acc_t* shift = ws.shift_a.data();
-  const acc_t* scale = has_next ? ws.scale_a.data() : ws.scale_b.data();
-  if (!has_next) std::copy_n(ws.shift_b.data(), rows * L.Wv, shift);
-  else if (has_prev)
-    for (int64_t i = 0; i < rows * L.Wv; ++i) shift[i] += ws.shift_b[i];
+  if (!has_next) std::fill_n(shift, rows * L.Wv, acc_t(0));
+  for (const acc_t* term_shift : {has_self ? ws.shift_s.data() : nullptr,
+                                  has_prev ? ws.shift_b.data() : nullptr}) {
+    if (term_shift == nullptr) continue;
+    for (int64_t i = 0; i < rows * L.Wv; ++i) shift[i] += term_shift[i];
+  }
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
     const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
                                         L.stage_cstride, ws.runs.data(), L.run_cstride};
+    if (has_self) {
+      const Layout<acc_t>& Ls = *args.spatial_layout;
+      gather_chunk(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset, ws.dst.data(), false,
+                   has_next || has_prev ? nullptr : &final);
+    }
     if (has_next) {
       gather_chunk(L, rows, count, ws.w_a.data(),
-                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()),
-                   ws.dst.data(), false, has_prev ? nullptr : &final);
+                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()) +
+                       L.inset,
+                   ws.dst.data(), has_self, has_prev ? nullptr : &final);
     }
     if (has_prev) {
       gather_chunk(L, rows, count, ws.w_b.data(),
-                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()),
-                   ws.dst.data(), has_next, &final);
+                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()) +
+                       L.inset,
+                   ws.dst.data(), has_self || has_next, &final);
     }
-    if (!has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
+    if (!has_self && !has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
       std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));
     write_gradient(L, m, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
   }

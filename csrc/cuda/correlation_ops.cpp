@@ -112,11 +112,40 @@ at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
   return grad;
 }
 
+// Both volumes of a clip: the self and temporal passes one after the other.
+std::tuple<at::Tensor, at::Tensor> spatiotemporal_forward(const at::Tensor& v,
+                                                          const Window& spatial_window,
+                                                          const Window& temporal_window,
+                                                          int64_t frame_stride) {
+  return {forward(v, v, spatial_window, /*self=*/true),
+          temporal_forward(v, temporal_window, frame_stride)};
+}
+
+// The clip gradient of both volumes: the self and temporal gradients, summed.
+at::Tensor spatiotemporal_backward(const at::Tensor& grad_spatial,
+                                   const at::Tensor& grad_temporal, const at::Tensor& v,
+                                   const at::Tensor& spatial, const at::Tensor& temporal,
+                                   const Window& spatial_window, const Window& temporal_window,
+                                   int64_t frame_stride) {
+  at::Tensor grad;
+  if (grad_spatial.defined())
+    grad = std::get<0>(backward(grad_spatial, v, v, spatial, spatial_window, true, false,
+                                /*self=*/true));
+  if (grad_temporal.defined()) {
+    at::Tensor grad_t = temporal_backward(grad_temporal, v, temporal, temporal_window,
+                                          frame_stride);
+    grad = grad.defined() ? grad.add_(grad_t) : grad_t;
+  }
+  return grad.defined() ? grad : at::zeros(v.sizes(), v.options());
+}
+
 struct Cuda {
   static constexpr auto forward = stccl::cuda::forward;
   static constexpr auto temporal_forward = stccl::cuda::temporal_forward;
   static constexpr auto backward = stccl::cuda::backward;
   static constexpr auto temporal_backward = stccl::cuda::temporal_backward;
+  static constexpr auto spatiotemporal_forward = stccl::cuda::spatiotemporal_forward;
+  static constexpr auto spatiotemporal_backward = stccl::cuda::spatiotemporal_backward;
 };
 
 }  // namespace
