@@ -6,6 +6,8 @@ plus one (N, C, h, w) product at a time, never the (N, C*K*K, H, W) tensor of
 an ``F.unfold`` implementation.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +34,9 @@ def local_correlation(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 3, di
     lead = a.shape[:-3]
     C, H, W = a.shape[-3:]
     work = accumulation_dtype(a.dtype)
-    a_w = a.reshape(-1, C, H, W).to(work)
-    b_w = b.reshape(-1, C, H, W).to(work)
+    images = math.prod(lead)  # not -1: it is ambiguous for empty tensors
+    a_w = a.reshape(images, C, H, W).to(work)
+    b_w = b.reshape(images, C, H, W).to(work)
     if normalize:
         a_w = F.normalize(a_w, dim=1, eps=eps)
         b_w = F.normalize(b_w, dim=1, eps=eps)
