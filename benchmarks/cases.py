@@ -15,15 +15,16 @@ import stccl_ops
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # "local", "spatial" or "temporal"
-    N: int   # N for local/spatial; B for temporal
+    op: str  # "local", "spatial", "temporal" or "spatiotemporal"
+    N: int   # N for local/spatial; B for the clip ops
     C: int
     H: int
     W: int
     K: int
     dilation: int = 1
-    T: int = 1  # frames (temporal)
+    T: int = 1  # frames (the clip ops)
     dtype: str = "float32"
+    Kt: int = 0  # the temporal window of spatiotemporal (K is the spatial one)
 
     @property
     def torch_dtype(self):
@@ -34,20 +35,25 @@ class Case:
         return self.torch_dtype.itemsize
 
     @property
-    def pairs(self):
-        """Number of (a-map, b-map) correlations computed."""
-        return self.N * (self.T - 1) if self.op == "temporal" else self.N
+    def clip(self):
+        return self.op in ("temporal", "spatiotemporal")
+
+    def windows(self):
+        """(maps correlated, K) per volume the case computes."""
+        if self.op == "spatiotemporal":
+            return [(self.N * self.T, self.K), (self.N * (self.T - 1), self.Kt)]
+        return [(self.N * (self.T - 1) if self.op == "temporal" else self.N, self.K)]
 
     def input_elements(self):
-        maps = self.N * self.T if self.op == "temporal" else self.N * (1 if self.op == "spatial" else 2)
+        maps = self.N * self.T if self.clip else self.N * (1 if self.op == "spatial" else 2)
         return maps * self.C * self.H * self.W
 
     def output_elements(self):
-        return self.pairs * self.K * self.K * self.H * self.W
+        return sum(maps * K * K for maps, K in self.windows()) * self.H * self.W
 
     def flops(self):
         """Multiply-adds of the dot products, 2 flops each."""
-        return 2 * self.pairs * self.C * self.H * self.W * self.K * self.K
+        return 2 * self.C * self.H * self.W * sum(maps * K * K for maps, K in self.windows())
 
     def floor_bytes(self, backward):
         """Forward: inputs read once + output written once. Forward+backward:
@@ -68,6 +74,9 @@ STANDARD_CASES = (
     Case("T1", "temporal", 4, 64, 56, 56, 3, T=5),
     Case("S1-self", "spatial", 20, 64, 56, 56, 3),
     Case("S3-self", "spatial", 8, 128, 64, 64, 7),
+    # both STCCL volumes of a clip; the "<backend>-separate" rows run the self
+    # and temporal ops one after the other
+    Case("ST1", "spatiotemporal", 4, 64, 56, 56, 3, T=5, Kt=3),
 )
 
 # One case per shape class (compare.py --grid): narrow maps with many channels
@@ -100,7 +109,10 @@ def sampler_available():
 
 def runs_case(case, backend):
     """Whether `backend` takes the case: spatial_correlation_sampler takes
-    float32 and float64 only (a half tensor aborts the whole process)."""
+    float32 and float64 only (a half tensor aborts the whole process); the
+    separate ops are the alternative to the fused one only."""
+    if backend.endswith("-separate"):
+        return case.op == "spatiotemporal"
     return backend != "sampler" or case.dtype in ("float32", "float64")
 
 
@@ -132,7 +144,7 @@ def make_inputs(case, device="cpu", requires_grad=False, seed=0):
         return torch.randn(*shape, generator=g).to(device, case.torch_dtype).requires_grad_(
             requires_grad)
 
-    if case.op == "temporal":
+    if case.clip:
         return (rand(case.N, case.T, case.C, case.H, case.W),)
     if case.op == "spatial":
         return (rand(case.N, case.C, case.H, case.W),)
@@ -150,10 +162,14 @@ def _pair_maps(case, inputs):
 
 
 def run_case(case, inputs, backend):
-    """The op of `case` on `inputs` with `backend` (a backend, a peer, or a
-    backend's raw mode "<backend>-raw": the same op with normalize=False);
-    returns the output volume. The peers take 4-D maps: a clip's frame pairs
-    are copied into two (what their users do)."""
+    """The op of `case` on `inputs` with `backend` (a backend, a peer, a
+    backend's raw mode "<backend>-raw": the same op with normalize=False, or
+    for spatiotemporal cases "<backend>-separate": the self and temporal ops);
+    returns the output volume (a tuple of both for spatiotemporal). The peers
+    take 4-D maps: a clip's frame pairs are copied into two (what their users
+    do)."""
+    if case.op == "spatiotemporal":
+        return _run_both(case, inputs[0], backend)
     if backend in PEERS:
         a, b = _pair_maps(case, inputs)
         if backend == "unfold":
@@ -169,16 +185,34 @@ def run_case(case, inputs, backend):
     return stccl_ops.local_correlation(inputs[0], inputs[1], backend=backend, **window)
 
 
+def _run_both(case, v, backend):
+    """Both volumes of a spatiotemporal case: the fused op, or each volume as
+    its own case (the separate ops, or a peer on the frames)."""
+    if backend.endswith("-separate"):
+        backend = backend[:-len("-separate")]
+    elif backend not in PEERS:
+        window = dict(kernel_size=case.K, temporal_kernel_size=case.Kt)
+        if backend.endswith("-raw"):
+            backend, window["normalize"] = backend[:-len("-raw")], False
+        return tuple(stccl_ops.spatiotemporal_correlation(v, backend=backend, **window))
+    spatial = Case(case.name, "spatial", case.N * case.T, case.C, case.H, case.W, case.K,
+                   dtype=case.dtype)
+    temporal = Case(case.name, "temporal", case.N, case.C, case.H, case.W, case.Kt, T=case.T,
+                    dtype=case.dtype)
+    return (run_case(spatial, (v.flatten(0, 1),), backend), run_case(temporal, (v,), backend))
+
+
 def make_step(case, backend, device="cpu", backward=False):
     """A zero-argument callable running one forward (and backward) of the case."""
     inputs = make_inputs(case, device, requires_grad=backward)
     if not backward:
         return lambda: run_case(case, inputs, backend)
     out = run_case(case, inputs, backend)
-    grad_out = torch.randn_like(out)
+    outs = out if isinstance(out, tuple) else (out,)
+    grad_outs = [torch.randn_like(o) for o in outs]
 
     def step():
         out = run_case(case, inputs, backend)
-        return torch.autograd.grad(out, inputs, grad_out)
+        return torch.autograd.grad(out, inputs, grad_outs)
 
     return step

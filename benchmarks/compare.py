@@ -225,6 +225,8 @@ def run(device, threads, cases, backends, rounds, measure_memory=True):
         peer_ms = {peer: times.get((case, backward, peer)) for peer in ("reference", "unfold")}
         if backend.endswith("-raw"):
             peer_ms["sampler"] = times.get((case, backward, "sampler"))
+        if case.op == "spatiotemporal" and backend not in ("reference", *PEERS):
+            peer_ms["separate"] = times.get((case, backward, backend + "-separate"))
         if child_peaks is not None:
             peak = child_peaks.get((case.name, str(int(backward)), backend))
         elif measure_memory:
@@ -252,9 +254,9 @@ def run(device, threads, cases, backends, rounds, measure_memory=True):
             "rates": rates, "rounds": rounds, "rows": rows}
 
 
-COLUMNS = ("case", "pass", "backend", "ms", "vs reference", "vs unfold", "vs sampler", "GB/s",
-           "GFLOP/s", "x floor", "peak extra MiB", "output MiB")
-WIDTHS = (13, 8, 10, 9, 8, 8, 8, 7, 8, 8, 9, 8)
+COLUMNS = ("case", "pass", "backend", "ms", "vs reference", "vs unfold", "vs sampler",
+           "vs separate", "GB/s", "GFLOP/s", "x floor", "peak extra MiB", "output MiB")
+WIDTHS = (13, 8, 12, 9, 8, 8, 8, 8, 7, 8, 8, 9, 8)
 HEADER = " ".join(f"{c if len(c) <= w else c.split()[-1]:>{w}}" for c, w in zip(COLUMNS, WIDTHS))
 
 
@@ -265,6 +267,7 @@ def cells(r):
     peak = f"{r['peak_extra_MiB']:.1f}" if r["peak_extra_MiB"] is not None else "-"
     return (r["case"], r["pass"], r["backend"], f"{r['ms']:.3f}", ratio(r["speedup"]),
             ratio(r["vs_peer"].get("unfold")), ratio(r["vs_peer"].get("sampler")),
+            ratio(r["vs_peer"].get("separate")),
             f"{r['GB/s']:.1f}", f"{r['GFLOP/s']:.1f}", f"{r['x_floor']:.2f}", peak,
             f"{r['output_MiB']:.1f}")
 
@@ -334,6 +337,8 @@ def main(argv=None):
         ours = [b for b in stccl_ops.available_backends(args.device)
                 if b not in ("reference", "cuda_emulated")]
         backends = ["reference", "unfold", *ours]
+        if any(case.op == "spatiotemporal" for case in cases):
+            backends += [f"{b}-separate" for b in ours]
         if sampler_available():  # raw mode, against our raw mode
             backends += ["sampler", *(f"{b}-raw" for b in ours)]
     if args.quick:

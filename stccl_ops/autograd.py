@@ -81,6 +81,27 @@ def register_op_autograd(namespace: str, local: str, local_backward: str, self_:
                                         setup_context=lambda ctx, inputs, output: None)
 
 
+def register_spatiotemporal_autograd(namespace: str, forward: str, backward: str) -> None:
+    """Autograd of a Python-registered spatiotemporal op: the clip gradient of
+    both volumes from its backward op; a volume without a gradient is left
+    out (None), not filled with zeros."""
+    backward_op = getattr(getattr(torch.ops, namespace), backward)
+
+    def setup(ctx, inputs, output):
+        v, *window = inputs
+        ctx.window = tuple(window)
+        ctx.save_for_backward(v, *output)
+
+    def backward_fn(ctx, grad_spatial, grad_temporal):
+        v, spatial, temporal = ctx.saved_tensors
+        grad_v = backward_op(grad_spatial, grad_temporal, v, spatial, temporal, *ctx.window)
+        return (grad_v,) + (None,) * len(ctx.window)
+
+    torch.library.register_autograd(f"{namespace}::{forward}", backward_fn, setup_context=setup)
+    torch.library.register_autograd(f"{namespace}::{backward}", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 class LocalCorrelationFunction(torch.autograd.Function):
     """``LocalCorrelationFunction.apply(a, b, kernel_size, dilation, normalize, eps, backend)``:
     a, b (N, C, H, W) -> (N, K*K, H, W), as ``stccl_ops.local_correlation``."""

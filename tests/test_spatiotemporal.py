@@ -15,6 +15,10 @@ BACKENDS = [
     pytest.param("cuda_emulated", id="cuda_emulated", marks=pytest.mark.cuda_emulated),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not HAS_CUDA_GPU, reason="needs a CUDA GPU")]),
+    # Under the interpreter on CPU tensors without a GPU (tests/conftest.py).
+    pytest.param("triton", id="triton", marks=[pytest.mark.slow, pytest.mark.skipif(
+        "triton" not in stccl_ops.available_backends("cuda" if HAS_CUDA_GPU else "cpu"),
+        reason="Triton is not importable")]),
 ]
 
 # (kernel_size, dilation, temporal_kernel_size, temporal_dilation, frame_stride, normalize)
@@ -36,7 +40,7 @@ SHAPES = {
 
 
 def device_of(name):
-    return "cuda" if name == "cuda" else "cpu"
+    return "cuda" if name == "cuda" or (name == "triton" and HAS_CUDA_GPU) else "cpu"
 
 
 @pytest.fixture(params=BACKENDS)

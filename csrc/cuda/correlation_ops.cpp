@@ -37,7 +37,7 @@ void check_launch(cudaError_t err) {
 #define STCCL_DISPATCH_KEY CPU
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 void check_launch(cudaError_t err) { C10_CUDA_CHECK(err); }
 #define STCCL_DISPATCH_KEY CUDA
 #endif

@@ -166,18 +166,13 @@ class STCCLLoss(nn.Module):
         for lw, src, gen in zip(layer_weights, src_layers, gen_layers):
             if self.detach_source:
                 src = src.detach()
-            sp_src = stccl_ops.spatial_correlation(src, self.kernel_size, self.dilation,
-                                                   backend=self.backend)
-            sp_gen = stccl_ops.spatial_correlation(gen, self.kernel_size, self.dilation,
-                                                   backend=self.backend)
-            tp_src = stccl_ops.temporal_correlation(src, self.temporal_kernel_size,
-                                                    self.temporal_dilation,
-                                                    frame_stride=self.frame_stride,
-                                                    backend=self.backend)
-            tp_gen = stccl_ops.temporal_correlation(gen, self.temporal_kernel_size,
-                                                    self.temporal_dilation,
-                                                    frame_stride=self.frame_stride,
-                                                    backend=self.backend)
+            # Both volumes of a clip from one read of it (and one backward pass).
+            window = (self.kernel_size, self.dilation, self.temporal_kernel_size,
+                      self.temporal_dilation, self.frame_stride)
+            sp_src, tp_src = stccl_ops.spatiotemporal_correlation(src, *window,
+                                                                  backend=self.backend)
+            sp_gen, tp_gen = stccl_ops.spatiotemporal_correlation(gen, *window,
+                                                                  backend=self.backend)
             spatial, w_s = self.compare(sp_src, sp_gen, generator)
             temporal, w_t = self.compare(tp_src, tp_gen, generator)
             per_layer.append({"spatial": spatial.detach(), "temporal": temporal.detach()})

@@ -39,8 +39,17 @@ class TritonBackend(_backends.Backend):
     self_backward_op = property(
         lambda self: torch.ops.stccl_ops.triton_self_correlation_backward)
 
+    def spatiotemporal(self, v, kernel_size, dilation, temporal_kernel_size, temporal_dilation,
+                       frame_stride, normalize, eps):
+        return torch.ops.stccl_ops.triton_spatiotemporal_correlation(
+            v, kernel_size, dilation, temporal_kernel_size, temporal_dilation, frame_stride,
+            normalize, eps)
+
 
 autograd.register_op_autograd("stccl_ops", *OPS)
-for _name in ("triton_local_correlation", "triton_self_correlation"):
+autograd.register_spatiotemporal_autograd("stccl_ops", "triton_spatiotemporal_correlation",
+                                          "triton_spatiotemporal_correlation_backward")
+for _name in ("triton_local_correlation", "triton_self_correlation",
+              "triton_spatiotemporal_correlation"):
     _registrations.register_autocast(f"stccl_ops::{_name}", ("cuda",))
 _backends.register(TritonBackend())

@@ -28,7 +28,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._checks import check_pair, check_tensor, check_volume, check_window
+from typing import Optional
+
+from .._checks import (check_frame_stride, check_pair, check_tensor, check_volume,
+                       check_window)
 from .._registrations import volume_shape
 
 MODE_A, MODE_B, MODE_SELF = 0, 1, 2
@@ -55,14 +58,16 @@ MAX_BLOCK_K = 64
 BACKWARD_TILE, BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = (8, 8), 16, 8
 
 
-def forward_configs(kernel_size: int) -> list:
-    block = min(MAX_BLOCK_K, triton.next_power_of_2(kernel_size * kernel_size))
+def forward_configs(kernel_size: int, offsets: int = 0) -> list:
+    """offsets: the offsets a program may take, when not the window's K*K."""
+    block = min(MAX_BLOCK_K, triton.next_power_of_2(offsets or kernel_size * kernel_size))
     return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block,
                            "BLOCK_C": max(1, B_ELEMENTS // (block * th * tw))}, num_warps=8)
             for th, tw in TILES if block * th * tw <= ACCUMULATORS]
 
 
 def backward_configs(kernel_size: int) -> list:
+    """kernel_size: of the largest window the program walks."""
     block = max(2, min(BACKWARD_BLOCK_K, triton.next_power_of_2(kernel_size * kernel_size)))
     th, tw = BACKWARD_TILE
     return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block,
@@ -190,41 +195,25 @@ def _mirror_kernel(out_ptr, H, W, K, dilation, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _local_correlation_bwd_kernel(
-        grad_out_ptr, out_ptr, other_ptr, own_ptr, inv_own_ptr, pass_own_ptr, inv_other_ptr,
-        grad_ptr, C, H, W, K, dilation,
-        g_inner, g_outer, g_batch, g_sc, g_sy, g_sx,
-        o_inner, o_outer, o_batch, o_sc, o_sy, o_sx,
-        x_inner, x_outer, x_batch, x_sc, x_sy, x_sx,
-        y_inner, y_outer, y_batch, y_sc, y_sy, y_sx,
-        MODE: tl.constexpr, NORMALIZE: tl.constexpr, TILE_H: tl.constexpr,
-        TILE_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr):
-    """grad[c, p] = scale_p * sum_k w[k, p] other[c, p + d_k] - shift_p own[c, p]:
-    MODE_A (grad of a): w = g[p, k] rb_q; MODE_B (grad of b): w = g[q, mirror(k)] ra_q;
-    MODE_SELF: w = (g[p, k] + g[q, mirror(k)]) r_q; shift = pass_p r_p^2 sum_k G out.
-    A program: a TILE_H x TILE_W tile of pixels and BLOCK_C channels; the
-    offsets in groups of BLOCK_K, each group's neighbours of the tile one load
-    (the other operand's tile with its halo)."""
-    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    hw = H * W
+def _gather_window(total, csum, grad_out_ptr, out_ptr, other_ptr, inv_other_ptr, g_img, o_img,
+                   x_img, other_base, g_sc, g_sy, g_sx, o_sc, o_sy, o_sx, x_sc, x_sy, x_sx,
+                   y, x, p_ok, c, c_ok, K, dilation, H, W, MODE: tl.constexpr,
+                   NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """One term of a gradient tile: total += sum_k w[k, p] other[c, p + d_k] and
+    csum += sum_k G[p, k] out[p, k], the offsets in groups of BLOCK_K, each
+    group's neighbours of the tile one load (the other operand's tile with its
+    halo). MODE_A: w = g[p, k] r_q; MODE_B: w = g[q, mirror(k)] r_q (the
+    output at q whose mirrored offset points back at p); MODE_SELF: w =
+    (g[p, k] + g[q, mirror(k)]) r_q. The inverse norms of the other operand
+    are at inv_other_ptr + other_base + pixel."""
     kk = K * K
-    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
     y64, x64 = y.to(tl.int64), x.to(tl.int64)
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_ok = c < C
-    g_img = _image_offset(n, g_inner, g_outer, g_batch)
-    o_img = _image_offset(n, o_inner, o_outer, o_batch)
-    x_img = _image_offset(n, x_inner, x_outer, x_batch)
-    base = n.to(tl.int64) * hw
-    total = tl.zeros([BLOCK_C, TILE_H * TILE_W], dtype=ACC)
-    csum = tl.zeros([TILE_H * TILE_W], dtype=ACC)
     for k0 in range(0, kk, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         yq, xq, q_ok = _neighbours(y, x, p_ok, k, k < kk, K, dilation, H, W)
         yq64, xq64 = yq.to(tl.int64), xq.to(tl.int64)
         mirror = (kk - 1 - k).to(tl.int64)[:, None]
-        if MODE == 1:  # the output at q whose mirrored offset points back at p
+        if MODE == 1:
             g_at = g_img + mirror * g_sc + yq64 * g_sy + xq64 * g_sx
             o_at = o_img + mirror * o_sc + yq64 * o_sy + xq64 * o_sx
         else:
@@ -237,22 +226,178 @@ def _local_correlation_bwd_kernel(
         csum += tl.sum(gv * tl.load(out_ptr + o_at, mask=q_ok, other=0.0).to(ACC), axis=0)
         w = gv
         if NORMALIZE:
-            w = gv * tl.load(inv_other_ptr + base + yq * W + xq, mask=q_ok, other=0.0)
+            w = gv * tl.load(inv_other_ptr + other_base + yq * W + xq, mask=q_ok, other=0.0)
         # Offsets leading: a reduction over the last axes took a stack frame.
         xv = tl.load(other_ptr + x_img + (yq64 * x_sy + xq64 * x_sx)[:, None, :]
                      + c[None, :, None] * x_sc,
                      mask=q_ok[:, None, :] & c_ok[None, :, None], other=0.0).to(ACC)
         total += tl.sum(w[:, None, :] * xv, axis=0)
-    own_at = (_image_offset(n, y_inner, y_outer, y_batch) + c[:, None] * y_sc
-              + (y64 * y_sy + x64 * y_sx)[None, :])
+    return total, csum
+
+
+@triton.jit
+def _finish_gradient(total, csum, own_ptr, inv_own_ptr, pass_own_ptr, grad_ptr, own_img, own_base,
+                     y_sc, y_sy, y_sx, n, C, H, W, y, x, p_ok, c, c_ok, NORMALIZE: tl.constexpr,
+                     ACC: tl.constexpr):
+    """grad[n, c, p] = scale_p * total - shift_p own[c, p] (scale = r_p,
+    shift = pass_p r_p^2 csum; raw mode: the total)."""
+    hw = H * W
     tile_ok = c_ok[:, None] & p_ok[None, :]
     if NORMALIZE:
-        inv = tl.load(inv_own_ptr + base + y * W + x, mask=p_ok, other=0.0)
-        shift = tl.load(pass_own_ptr + base + y * W + x, mask=p_ok, other=0.0) * inv * inv * csum
+        inv = tl.load(inv_own_ptr + own_base + y * W + x, mask=p_ok, other=0.0)
+        shift = (tl.load(pass_own_ptr + own_base + y * W + x, mask=p_ok, other=0.0)
+                 * inv * inv * csum)
+        own_at = own_img + c[:, None] * y_sc + (y.to(tl.int64) * y_sy
+                                                 + x.to(tl.int64) * y_sx)[None, :]
         own = tl.load(own_ptr + own_at, mask=tile_ok, other=0.0).to(ACC)
         total = inv[None, :] * total - shift[None, :] * own
     dst = (n.to(tl.int64) * C + c[:, None]) * hw + (y * W + x)[None, :]
     tl.store(grad_ptr + dst, total.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _local_correlation_bwd_kernel(
+        grad_out_ptr, out_ptr, other_ptr, own_ptr, inv_own_ptr, pass_own_ptr, inv_other_ptr,
+        grad_ptr, C, H, W, K, dilation,
+        g_inner, g_outer, g_batch, g_sc, g_sy, g_sx,
+        o_inner, o_outer, o_batch, o_sc, o_sy, o_sx,
+        x_inner, x_outer, x_batch, x_sc, x_sy, x_sx,
+        y_inner, y_outer, y_batch, y_sc, y_sy, y_sx,
+        MODE: tl.constexpr, NORMALIZE: tl.constexpr, TILE_H: tl.constexpr,
+        TILE_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr):
+    """grad[c, p] = scale_p * sum_k w[k, p] other[c, p + d_k] - shift_p own[c, p]
+    (see _gather_window) for a TILE_H x TILE_W tile of pixels and BLOCK_C
+    channels of one image."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = c < C
+    base = n.to(tl.int64) * H * W
+    total = tl.zeros([BLOCK_C, TILE_H * TILE_W], dtype=ACC)
+    csum = tl.zeros([TILE_H * TILE_W], dtype=ACC)
+    total, csum = _gather_window(
+        total, csum, grad_out_ptr, out_ptr, other_ptr, inv_other_ptr,
+        _image_offset(n, g_inner, g_outer, g_batch), _image_offset(n, o_inner, o_outer, o_batch),
+        _image_offset(n, x_inner, x_outer, x_batch), base, g_sc, g_sy, g_sx, o_sc, o_sy, o_sx,
+        x_sc, x_sy, x_sx, y, x, p_ok, c, c_ok, K, dilation, H, W, MODE, NORMALIZE, BLOCK_K, ACC)
+    _finish_gradient(total, csum, own_ptr, inv_own_ptr, pass_own_ptr, grad_ptr,
+                     _image_offset(n, y_inner, y_outer, y_batch), base, y_sc, y_sy, y_sx, n, C,
+                     H, W, y, x, p_ok, c, c_ok, NORMALIZE, ACC)
+
+
+@triton.jit
+def _spatiotemporal_fwd_kernel(
+        v_ptr, spatial_ptr, temporal_ptr, eps_ptr, C, H, W, T, S, K, dilation, Kt, dilation_t,
+        offsets, v_inner, v_outer, v_batch, v_sc, v_sy, v_sx,
+        NORMALIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Both volumes of frame n of a clip: the spatial offsets up to the centre
+    (`offsets` of them, the rest mirrored afterwards) against the frame itself
+    and the Kt*Kt temporal offsets against frame n + S, numbered one after the
+    other; a program takes BLOCK_K of them, so one load per channel block
+    gathers the neighbours of both windows, and the frame's tile (its `a`) is
+    read once for both volumes."""
+    pid_t, pid_k, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    t = n % T
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
+    j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    spatial = j < offsets
+    kt = j - offsets
+    j_ok = spatial | ((kt < Kt * Kt) & (t + S < T))
+    # Each lane's window: offset k of window (KW, DW) in frame n or n + S.
+    k = tl.where(spatial, j, kt)
+    KW = tl.where(spatial, K, Kt)
+    DW = tl.where(spatial, dilation, dilation_t)
+    yq = y[None, :] + ((k // KW - KW // 2) * DW)[:, None]
+    xq = x[None, :] + ((k % KW - KW // 2) * DW)[:, None]
+    q_ok = j_ok[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
+    frame = tl.where(spatial, n, n + S)
+    a_off = (_image_offset(n, v_inner, v_outer, v_batch) + y.to(tl.int64) * v_sy
+             + x.to(tl.int64) * v_sx)
+    b_off = (_image_offset(frame, v_inner, v_outer, v_batch)[:, None] + yq.to(tl.int64) * v_sy
+             + xq.to(tl.int64) * v_sx)
+    acc = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
+    sq_a = tl.zeros([TILE_H * TILE_W], dtype=ACC)
+    sq_b = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        c_ok = c < C
+        av = tl.load(v_ptr + a_off[None, :] + c[:, None] * v_sc,
+                     mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
+        bv = tl.load(v_ptr + b_off[None, :, :] + c[:, None, None] * v_sc,
+                     mask=c_ok[:, None, None] & q_ok[None, :, :], other=0.0).to(ACC)
+        acc += tl.sum(av[:, None, :] * bv, axis=0)
+        if NORMALIZE:
+            sq_a += tl.sum(av * av, axis=0)
+            sq_b += tl.sum(bv * bv, axis=0)
+    if NORMALIZE:
+        eps = tl.load(eps_ptr)
+        acc = acc / tl.maximum(tl.sqrt(sq_a), eps)[None, :] / tl.maximum(tl.sqrt(sq_b), eps)
+    acc = tl.where(q_ok, acc, 0.0)
+    p = (y * W + x)[None, :]
+    tl.store(spatial_ptr + (n.to(tl.int64) * (K * K) + j[:, None]) * hw + p,
+             acc.to(spatial_ptr.dtype.element_ty), mask=spatial[:, None] & p_ok[None, :])
+    pair = (n // T) * (T - S) + t
+    tl.store(temporal_ptr + (pair.to(tl.int64) * (Kt * Kt) + kt[:, None]) * hw + p,
+             acc.to(temporal_ptr.dtype.element_ty),
+             mask=(j_ok & ~spatial)[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _spatiotemporal_bwd_kernel(
+        gs_ptr, sp_ptr, gt_ptr, tp_ptr, v_ptr, inv_ptr, pass_ptr, grad_ptr,
+        C, H, W, T, S, K, dilation, Kt, dilation_t,
+        gs_inner, gs_outer, gs_batch, gs_sc, gs_sy, gs_sx,
+        sp_inner, sp_outer, sp_batch, sp_sc, sp_sy, sp_sx,
+        gt_inner, gt_outer, gt_batch, gt_sc, gt_sy, gt_sx,
+        tp_inner, tp_outer, tp_batch, tp_sc, tp_sy, tp_sx,
+        v_inner, v_outer, v_batch, v_sc, v_sy, v_sx,
+        SPATIAL: tl.constexpr, TEMPORAL: tl.constexpr, NORMALIZE: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The clip gradient of both volumes at frame n, one pass: frame n is both
+    operands of its spatial volume (MODE_SELF), the a of pair t against frame
+    n + S (MODE_A) and the b of pair t - S (MODE_B); the terms share the scale
+    (its inverse norm) and their sums and shifts add up before one store."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    t = n % T
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    c_ok = c < C
+    own_img = _image_offset(n, v_inner, v_outer, v_batch)
+    own_base = n.to(tl.int64) * hw
+    total = tl.zeros([BLOCK_C, TILE_H * TILE_W], dtype=ACC)
+    csum = tl.zeros([TILE_H * TILE_W], dtype=ACC)
+    if SPATIAL:
+        total, csum = _gather_window(
+            total, csum, gs_ptr, sp_ptr, v_ptr, inv_ptr,
+            _image_offset(n, gs_inner, gs_outer, gs_batch),
+            _image_offset(n, sp_inner, sp_outer, sp_batch), own_img, own_base,
+            gs_sc, gs_sy, gs_sx, sp_sc, sp_sy, sp_sx, v_sc, v_sy, v_sx, y, x, p_ok, c, c_ok, K,
+            dilation, H, W, 2, NORMALIZE, BLOCK_K, ACC)
+    if TEMPORAL:
+        pair = (n // T) * (T - S) + t
+        if t + S < T:
+            total, csum = _gather_window(
+                total, csum, gt_ptr, tp_ptr, v_ptr, inv_ptr,
+                _image_offset(pair, gt_inner, gt_outer, gt_batch),
+                _image_offset(pair, tp_inner, tp_outer, tp_batch),
+                _image_offset(n + S, v_inner, v_outer, v_batch), own_base + S * hw,
+                gt_sc, gt_sy, gt_sx, tp_sc, tp_sy, tp_sx, v_sc, v_sy, v_sx, y, x, p_ok, c, c_ok,
+                Kt, dilation_t, H, W, 0, NORMALIZE, BLOCK_K, ACC)
+        if t >= S:
+            total, csum = _gather_window(
+                total, csum, gt_ptr, tp_ptr, v_ptr, inv_ptr,
+                _image_offset(pair - S, gt_inner, gt_outer, gt_batch),
+                _image_offset(pair - S, tp_inner, tp_outer, tp_batch),
+                _image_offset(n - S, v_inner, v_outer, v_batch), own_base - S * hw,
+                gt_sc, gt_sy, gt_sx, tp_sc, tp_sy, tp_sx, v_sc, v_sy, v_sx, y, x, p_ok, c, c_ok,
+                Kt, dilation_t, H, W, 1, NORMALIZE, BLOCK_K, ACC)
+    _finish_gradient(total, csum, v_ptr, inv_ptr, pass_ptr, grad_ptr, own_img, own_base,
+                     v_sc, v_sy, v_sx, n, C, H, W, y, x, p_ok, c, c_ok, NORMALIZE, ACC)
 
 
 def autotune_enabled():
@@ -415,3 +560,85 @@ def triton_self_correlation_backward(grad_out: torch.Tensor, x: torch.Tensor, ou
     norms = inverse_norms(x, eps) if normalize else None
     return _gradient(grad_out, out, x, x, norms, norms[0] if normalize else None, MODE_SELF,
                      kernel_size, dilation, normalize)
+
+
+def _check_clip_args(op, v, windows, frame_stride, volumes=()):
+    """The checks of the C++ spatiotemporal entry points: a clip, two windows
+    (spatial, temporal), the frame stride and the volumes (name, tensor,
+    operand, kernel_size) of their shapes."""
+    check_tensor(op, "v", v, (5,))
+    _check_device(op, "v", v)
+    spatial, temporal = windows
+    check_window(op, *spatial)
+    check_window(op, *temporal, prefix="temporal_")
+    check_frame_stride(op, frame_stride, v.shape[1])
+    for name, t, operand, kernel_size in volumes:
+        check_tensor(op, name, t, (5,))
+        check_volume(op, name, t, operand, kernel_size)
+
+
+@triton_op("stccl_ops::triton_spatiotemporal_correlation", mutates_args=())
+def triton_spatiotemporal_correlation(v: torch.Tensor, kernel_size: int, dilation: int,
+                                      temporal_kernel_size: int, temporal_dilation: int,
+                                      frame_stride: int, normalize: bool,
+                                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_clip_args("triton_spatiotemporal_correlation",
+                     v, ((kernel_size, dilation, normalize, eps),
+                         (temporal_kernel_size, temporal_dilation, normalize, eps)), frame_stride)
+    B, T, C, H, W = v.shape
+    spatial = v.new_empty(B, T, kernel_size ** 2, H, W)
+    temporal = v.new_empty(B, T - frame_stride, temporal_kernel_size ** 2, H, W)
+    if spatial.numel() == 0:
+        return spatial, temporal
+    offsets = kernel_size ** 2 // 2 + 1
+    eps_acc = torch.full((1,), eps, dtype=torch.float64 if v.dtype == torch.float64
+                         else torch.float32, device=v.device)
+    kernel, launch = _kernel(_spatiotemporal_fwd_kernel,
+                             forward_configs(kernel_size, offsets + temporal_kernel_size ** 2))
+    grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
+                         triton.cdiv(offsets + temporal_kernel_size ** 2, meta["BLOCK_K"]), B * T)
+    wrap_triton(kernel)[grid](
+        v, spatial, temporal, eps_acc, C, H, W, T, frame_stride, kernel_size, dilation,
+        temporal_kernel_size, temporal_dilation, offsets, *strides6(v), NORMALIZE=normalize,
+        ACC=acc_dtype(v.dtype), **launch)
+    if kernel_size > 1:
+        wrap_triton(_mirror_kernel)[(triton.cdiv(H * W, 256), kernel_size ** 2 - offsets, B * T)](
+            spatial, H, W, kernel_size, dilation, BLOCK_P=256)
+    return spatial, temporal
+
+
+@triton_op("stccl_ops::triton_spatiotemporal_correlation_backward", mutates_args=())
+def triton_spatiotemporal_correlation_backward(
+        grad_spatial: Optional[torch.Tensor], grad_temporal: Optional[torch.Tensor],
+        v: torch.Tensor, spatial: torch.Tensor, temporal: torch.Tensor, kernel_size: int,
+        dilation: int, temporal_kernel_size: int, temporal_dilation: int, frame_stride: int,
+        normalize: bool, eps: float) -> torch.Tensor:
+    pairs = v[:, frame_stride:]
+    volumes = [("spatial", spatial, v, kernel_size),
+               ("temporal", temporal, pairs, temporal_kernel_size)]
+    if grad_spatial is not None:
+        volumes.append(("grad_spatial", grad_spatial, v, kernel_size))
+    if grad_temporal is not None:
+        volumes.append(("grad_temporal", grad_temporal, pairs, temporal_kernel_size))
+    _check_clip_args("triton_spatiotemporal_correlation_backward",
+                     v, ((kernel_size, dilation, normalize, eps),
+                         (temporal_kernel_size, temporal_dilation, normalize, eps)), frame_stride,
+                     volumes)
+    grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    B, T, C, H, W = v.shape
+    if grad.numel() == 0:
+        return grad
+    inv, passes = inverse_norms(v, eps) if normalize else (grad, grad)
+    has_spatial, has_temporal = grad_spatial is not None, grad_temporal is not None
+    gs = grad_spatial if has_spatial else spatial
+    gt = grad_temporal if has_temporal else temporal
+    kernel, launch = _kernel(_spatiotemporal_bwd_kernel,
+                             backward_configs(max(kernel_size, temporal_kernel_size)))
+    grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
+                         triton.cdiv(C, meta["BLOCK_C"]), B * T)
+    wrap_triton(kernel)[grid](
+        gs, spatial, gt, temporal, v, inv, passes, grad, C, H, W, T, frame_stride, kernel_size,
+        dilation, temporal_kernel_size, temporal_dilation, *strides6(gs), *strides6(spatial),
+        *strides6(gt), *strides6(temporal), *strides6(v), SPATIAL=has_spatial,
+        TEMPORAL=has_temporal, NORMALIZE=normalize, ACC=acc_dtype(v.dtype), **launch)
+    return grad
