@@ -15,10 +15,10 @@ BACKENDS = [
     pytest.param("cuda_emulated", id="cuda_emulated", marks=pytest.mark.cuda_emulated),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not HAS_CUDA_GPU, reason="needs a CUDA GPU")]),
-    # Under the interpreter on CPU tensors without a GPU (tests/conftest.py).
-    pytest.param("triton", id="triton", marks=[pytest.mark.slow, pytest.mark.skipif(
-        "triton" not in stccl_ops.available_backends("cuda" if HAS_CUDA_GPU else "cpu"),
-        reason="Triton is not importable")]),
+    # On a GPU; without one see test_triton_interpreted below.
+    pytest.param("triton", id="triton", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not HAS_CUDA_GPU or "triton" not in stccl_ops.available_backends("cuda"),
+        reason="needs a CUDA GPU and Triton")]),
 ]
 
 # (kernel_size, dilation, temporal_kernel_size, temporal_dilation, frame_stride, normalize)
@@ -40,7 +40,7 @@ SHAPES = {
 
 
 def device_of(name):
-    return "cuda" if name == "cuda" or (name == "triton" and HAS_CUDA_GPU) else "cpu"
+    return "cuda" if name in ("cuda", "triton") else "cpu"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -155,6 +155,22 @@ def test_fused_equals_the_separate_ops(backend):
     (mine,) = torch.autograd.grad([st.spatial, st.temporal], x, [gs, gt])
     (theirs,) = torch.autograd.grad([sp, tp], y, [gs, gt])
     assert_close(mine, theirs, "grad")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in stccl_ops.available_backends("cpu"),
+                    reason="the Triton interpreter is not active (TRITON_INTERPRET=1, no GPU)")
+@pytest.mark.parametrize("window", list(WINDOWS), ids=list(WINDOWS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_triton_interpreted(window, dtype):
+    """The Triton kernels in the interpreter (minutes per large case): every
+    window on a small clip with frames in no pair (T = 3, frame_stride 2 where
+    the window has it), both volumes' gradients and each alone."""
+    v = clip((1, 3, 3, 5, 6), dtype, seed=12)
+    check_against_reference(v, WINDOWS[window], "triton")
+    if window == "stccl":
+        for grads_of in (("spatial",), ("temporal",)):
+            check_against_reference(v, WINDOWS[window], "triton", grads_of)
 
 
 # ---- CPU specifics: layouts, SIMD builds, chunked staging, threads --------------------------

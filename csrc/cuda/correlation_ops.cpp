@@ -112,31 +112,60 @@ at::Tensor temporal_backward(const at::Tensor& grad_out, const at::Tensor& v,
   return grad;
 }
 
-// Both volumes of a clip: the self and temporal passes one after the other.
+// Both volumes of a clip, each frame's tile staged once for both windows;
+// halos beyond shared memory: the self and temporal passes one after the other.
 std::tuple<at::Tensor, at::Tensor> spatiotemporal_forward(const at::Tensor& v,
                                                           const Window& spatial_window,
                                                           const Window& temporal_window,
                                                           int64_t frame_stride) {
-  return {forward(v, v, spatial_window, /*self=*/true),
-          temporal_forward(v, temporal_window, frame_stride)};
+  const Problem p = problem(v, spatial_window);
+  if (!clip_kernels_fit(p, temporal_window))
+    return {forward(v, v, spatial_window, /*self=*/true),
+            temporal_forward(v, temporal_window, frame_stride)};
+  const DeviceGuard guard(v.device());
+  auto spatial = at::empty(correlation_shape(v, spatial_window.kernel_size), v.options());
+  auto temporal = at::empty(
+      correlation_shape(frame_pairs(v, frame_stride).first, temporal_window.kernel_size),
+      v.options());
+  if (spatial.numel() == 0) return {spatial, temporal};
+  check_launch(launch_spatiotemporal_forward(p, temporal_window, v.size(1), frame_stride,
+                                             v.const_data_ptr(), strides4(v),
+                                             spatial.mutable_data_ptr(),
+                                             temporal.mutable_data_ptr(), current_stream()));
+  return {spatial, temporal};
 }
 
-// The clip gradient of both volumes: the self and temporal gradients, summed.
+// The clip gradient of both volumes in one gather per frame (an undefined
+// grad_* contributes nothing); halos beyond shared memory: the self and
+// temporal gradients, summed.
 at::Tensor spatiotemporal_backward(const at::Tensor& grad_spatial,
                                    const at::Tensor& grad_temporal, const at::Tensor& v,
                                    const at::Tensor& spatial, const at::Tensor& temporal,
                                    const Window& spatial_window, const Window& temporal_window,
                                    int64_t frame_stride) {
-  at::Tensor grad;
-  if (grad_spatial.defined())
-    grad = std::get<0>(backward(grad_spatial, v, v, spatial, spatial_window, true, false,
-                                /*self=*/true));
-  if (grad_temporal.defined()) {
-    at::Tensor grad_t = temporal_backward(grad_temporal, v, temporal, temporal_window,
-                                          frame_stride);
-    grad = grad.defined() ? grad.add_(grad_t) : grad_t;
+  const Problem p = problem(v, spatial_window);
+  const DeviceGuard guard(v.device());
+  if (!clip_kernels_fit(p, temporal_window)) {
+    at::Tensor grad = at::zeros(v.sizes(), v.options());
+    if (grad_spatial.defined())
+      grad.add_(std::get<0>(backward(grad_spatial, v, v, spatial, spatial_window, true, false,
+                                     /*self=*/true)));
+    if (grad_temporal.defined())
+      grad.add_(temporal_backward(grad_temporal, v, temporal, temporal_window, frame_stride));
+    return grad;
   }
-  return grad.defined() ? grad : at::zeros(v.sizes(), v.options());
+  auto grad = at::empty(v.sizes(), v.options());
+  if (grad.numel() == 0) return grad;
+  auto workspace = at::empty({clip_backward_workspace_bytes(p, temporal_window)},
+                             v.options().dtype(at::kByte));
+  auto pointer = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
+  auto strides = [](const at::Tensor& t) { return t.defined() ? strides4(t) : Strides4{}; };
+  check_launch(launch_spatiotemporal_backward(
+      p, temporal_window, v.size(1), frame_stride, pointer(grad_spatial), strides(grad_spatial),
+      spatial.const_data_ptr(), strides4(spatial), pointer(grad_temporal),
+      strides(grad_temporal), temporal.const_data_ptr(), strides4(temporal), v.const_data_ptr(),
+      strides4(v), grad.mutable_data_ptr(), workspace.mutable_data_ptr(), current_stream()));
+  return grad;
 }
 
 struct Cuda {

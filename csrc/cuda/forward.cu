@@ -195,9 +195,160 @@ cudaError_t forward(const Problem& p, const void* a_, Strides4 sa, const void* b
                        flat_blocks(g.N * (g.KK / 2) * g.H * g.W), 256, 0, stream, out, g);
 }
 
+// Both volumes of frame n of a clip (the frames are the images of g): the
+// spatial offsets up to the centre against the frame itself, then the
+// temporal offsets against frame n + S, numbered one after the other
+// (j < spatial_offsets: spatial). Per chunk the frame's tile with its halo
+// (which holds its `a` pixels too) and, when the group has temporal offsets
+// and the frame a successor, the successor's tile are staged once; each
+// thread keeps the sums of its pixel for the group's offsets of both windows
+// in registers.
+template <typename scalar_t, int G>
+__device__ __forceinline__ void spatiotemporal_tile(
+    const scalar_t* __restrict__ v, Strides4 sv, scalar_t* __restrict__ spatial,
+    scalar_t* __restrict__ temporal, const Geometry& g, const ClipWindow& tw, int chunk,
+    int j_begin, int j_count, int spatial_offsets, bool normalize,
+    typename AccOf<scalar_t>::type eps, int64_t n, unsigned char* smem) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int TB = g.THB * g.TWB;
+  acc_t* own_sq = reinterpret_cast<acc_t*>(smem);  // [TB]
+  acc_t* next_sq = own_sq + TB;                      // [TB]
+  acc_t* tiles = next_sq + TB;                       // [2][chunk][BS]: frames n, n + S
+  // Per offset of the group (the epilogue reads them here, not from
+  // registers, which hold the sums): where its output goes, where its
+  // neighbour lies in the tiles, its (dy, dx), and the sums of squares it
+  // divides by (own_sq or next_sq, at the same place as in the tiles).
+  int64_t* out_at = reinterpret_cast<int64_t*>(tiles + 2 * int64_t(chunk) * g.BS);  // [G]
+  int* offsets = reinterpret_cast<int*>(out_at + G);  // [G]
+  int* dys = offsets + G;                              // [G]
+  int* dxs = dys + G;                                  // [G]
+  int* in_next = dxs + G;                              // [G]
+
+  const int64_t t = n % tw.T, pair = n / tw.T * (tw.T - tw.S) + t, hw = g.H * g.W;
+  const bool has_next = t + tw.S < tw.T;
+  // The group's offsets this frame has: the temporal ones only with a successor.
+  const int active = has_next ? j_count : int(std::clamp<int64_t>(spatial_offsets - j_begin, 0,
+                                                                  j_count));
+  if (active == 0) return;  // uniform across the block: no barrier is skipped by part of it
+  const bool stage_next = has_next && j_begin + j_count > spatial_offsets;
+  const int tid = threadIdx.x, tx = tid % TILE_W, ty = tid / TILE_W;
+  const auto [x0, y0] = tile_origin(g);
+  const int64_t x = x0 + tx, y = y0 + ty;
+  const int64_t next_section = int64_t(chunk) * g.BS;
+  for (int i = tid; i < TB; i += THREADS) own_sq[i] = next_sq[i] = 0;
+  for (int i = tid; i < active; i += THREADS) {
+    const int64_t j = j_begin + i;
+    const bool is_spatial = j < spatial_offsets;
+    const int64_t k = is_spatial ? j : j - spatial_offsets, K = is_spatial ? g.K : tw.K;
+    const int64_t d = is_spatial ? g.dilation : tw.dilation;
+    dys[i] = int(offset_dy(k, K, d));
+    dxs[i] = int(offset_dx(k, K, d));
+    in_next[i] = !is_spatial;
+    offsets[i] = int((is_spatial ? 0 : next_section) + (g.pad + dys[i]) * g.TWB + g.pad + dxs[i]);
+    out_at[i] = (is_spatial ? n * g.KK + k : pair * tw.KK + k) * hw;
+  }
+  acc_t acc[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) acc[i] = 0;
+
+  const scalar_t* own_img = v + image_offset(sv, n);
+  const scalar_t* next_img = v + image_offset(sv, has_next ? n + tw.S : n);
+  for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
+    const int count = int(min(int64_t(chunk), g.C - c0));
+    __syncthreads();  // the previous chunk is consumed
+    stage_tile(own_img, sv, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count, tiles, g.BS,
+               own_sq);
+    if (stage_next)
+      stage_tile(next_img, sv, g, y0 - g.pad, x0 - g.pad, g.THB, g.TWB, c0, count,
+                 tiles + next_section, g.BS, next_sq);
+    __syncthreads();
+    const acc_t* a_col = tiles + (ty + g.pad) * g.TWB + tx + g.pad;
+    const acc_t* b_col = tiles + ty * g.TWB + tx;
+    for (int cc = 0; cc < count; ++cc) {
+      const acc_t va = a_col[cc * g.BS];
+#pragma unroll
+      for (int i = 0; i < G; ++i)
+        if (i < active) acc[i] += va * b_col[cc * g.BS + offsets[i]];
+    }
+  }
+  __syncthreads();
+  if (y >= g.H || x >= g.W) return;
+  const acc_t inv_a =
+      normalize ? inverse_norm(own_sq[(ty + g.pad) * g.TWB + tx + g.pad], eps) : acc_t(1);
+  const int64_t p = y * g.W + x;
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    if (i >= active) break;
+    acc_t value = 0;
+    if (in_image(y + dys[i], x + dxs[i], g.H, g.W)) {
+      const acc_t* sq = in_next[i] ? next_sq : own_sq;
+      const int64_t at = ty * g.TWB + tx + offsets[i] - (in_next[i] ? next_section : 0);
+      value = acc[i] * inv_a * (normalize ? inverse_norm(sq[at], eps) : acc_t(1));
+    }
+    (in_next[i] ? temporal : spatial)[out_at[i] + p] = from_acc<scalar_t>(value);
+  }
+}
+
+// Frames beyond the grid's z extent (65535) are looped over.
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(THREADS, (min_blocks<scalar_t, G>()))
+    spatiotemporal_kernel(const scalar_t* __restrict__ v, Strides4 sv,
+                          scalar_t* __restrict__ spatial, scalar_t* __restrict__ temporal,
+                          Geometry g, ClipWindow tw, int chunk, int j_begin, int j_count,
+                          int spatial_offsets, bool normalize,
+                          typename AccOf<scalar_t>::type eps) {
+  unsigned char* smem = dynamic_shared_memory();
+  for (int64_t n = blockIdx.z; n < g.N; n += gridDim.z) {
+    __syncthreads();  // the previous frame's epilogue has read shared memory
+    spatiotemporal_tile<scalar_t, G>(v, sv, spatial, temporal, g, tw, chunk, j_begin, j_count,
+                                     spatial_offsets, normalize, eps, n, smem);
+  }
+}
+
+template <typename scalar_t>
+cudaError_t spatiotemporal_forward(const Problem& p, const Window& temporal_window, int64_t T,
+                                   int64_t S, const void* v_, Strides4 sv, void* spatial_,
+                                   void* temporal_, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Geometry g(p, temporal_window.pad());
+  const ClipWindow tw = clip_window(temporal_window, T, S);
+  const auto* v = static_cast<const scalar_t*>(v_);
+  auto* spatial = static_cast<scalar_t*>(spatial_);
+  auto* temporal = static_cast<scalar_t*>(temporal_);
+  const int64_t spatial_offsets = g.KK / 2 + 1;
+  const int64_t chunk = sector_aligned(clip_chunk(g, sizeof(acc_t), 2, 2),
+                                       stages_along_channels(sv), sizeof(scalar_t));
+  const size_t smem =
+      size_t((2 * int64_t(g.THB) * g.TWB + 2 * chunk * g.BS) * sizeof(acc_t) + CLIP_TABLE_BYTES);
+  const acc_t eps = acc_t(p.window.eps);
+  cudaError_t err = for_offset_groups(0, spatial_offsets + tw.KK, [&](int bucket, int j0, int jc) {
+    STCCL_WITH_BUCKET(bucket, launch_kernel(spatiotemporal_kernel<scalar_t, G>, "spatiotemporal",
+                                            tile_grid(g), THREADS, smem, stream, v, sv, spatial,
+                                            temporal, g, tw, int(chunk), j0, jc,
+                                            int(spatial_offsets), p.window.normalize, eps));
+  });
+  if (err != cudaSuccess || g.KK == 1) return err;
+  return launch_kernel(mirror_kernel<scalar_t>, "mirror",
+                       flat_blocks(g.N * (g.KK / 2) * g.H * g.W), 256, 0, stream, spatial, g);
+}
+
 template <typename T> struct Forward { template <typename... A> static cudaError_t run(A&&... a) { return forward<T>(a...); } };
+template <typename T> struct SpatiotemporalForward { template <typename... A> static cudaError_t run(A&&... a) { return spatiotemporal_forward<T>(a...); } };
 
 }  // namespace
+
+bool clip_kernels_fit(const Problem& p, const Window& temporal) {
+  const Geometry g(p, temporal.pad());
+  const int64_t acc_size = p.dtype == DType::Float64 ? 8 : 4;
+  return clip_chunk(g, acc_size, 2, 2) > 0 && clip_chunk(g, acc_size, 3, 0) > 0;
+}
+
+cudaError_t launch_spatiotemporal_forward(const Problem& p, const Window& temporal, int64_t T,
+                                          int64_t S, const void* v, Strides4 sv, void* spatial,
+                                          void* temporal_out, cudaStream_t stream) {
+  return dispatch<SpatiotemporalForward>(p.dtype, p, temporal, T, S, v, sv, spatial,
+                                         temporal_out, stream);
+}
 
 cudaError_t launch_forward(const Problem& p, const void* a, Strides4 sa, const void* b,
                            Strides4 sb, bool self, void* out, cudaStream_t stream) {

@@ -42,4 +42,31 @@ cudaError_t launch_backward(const Problem& p, Grad which, const void* grad_out, 
                             const void* b, Strides4 sb, void* grad, void* workspace,
                             cudaStream_t stream);
 
+// The clip kernels of spatiotemporal_correlation: p holds the clip's frames
+// as images (N = B * T) and the spatial window; `temporal` the second window,
+// frame t against t + S. Whether their tiles (both windows' halo) fit shared
+// memory; when not, the self and temporal launches run one after the other.
+bool clip_kernels_fit(const Problem& p, const Window& temporal);
+
+// spatial (contiguous (B, T, K*K, H, W)) and temporal ((B, T - S, Kt*Kt, H, W))
+// of the clip v, each frame's tile staged once per chunk for both.
+cudaError_t launch_spatiotemporal_forward(const Problem& p, const Window& temporal, int64_t T,
+                                          int64_t S, const void* v, Strides4 sv, void* spatial,
+                                          void* temporal_out, cudaStream_t stream);
+
+// Scratch of the clip backward, in bytes: the frames' inverse norms, scale,
+// shift and every term's weights (N * (K*K + 2 Kt*Kt) * H * W).
+int64_t clip_backward_workspace_bytes(const Problem& p, const Window& temporal);
+
+// grad (contiguous (B, T, C, H, W)) of the clip from both volumes, one gather
+// per frame: the spatial self term (grad_spatial, may be null), the terms of
+// the pairs the frame is the a and the b of (grad_temporal, may be null).
+cudaError_t launch_spatiotemporal_backward(const Problem& p, const Window& temporal, int64_t T,
+                                           int64_t S, const void* grad_spatial, Strides4 sgs,
+                                           const void* spatial, Strides4 ss,
+                                           const void* grad_temporal, Strides4 sgt,
+                                           const void* temporal_out, Strides4 st, const void* v,
+                                           Strides4 sv, void* grad, void* workspace,
+                                           cudaStream_t stream);
+
 }  // namespace stccl::cuda

@@ -62,9 +62,11 @@ struct Geometry {
   int64_t N, C, H, W, K, KK, dilation, pad;
   int THB, TWB;  // staged b tile with its halo
   int BS, AS;    // channel strides of the staged b and a tiles
-  explicit Geometry(const Problem& p)
+  // stage_pad: a halo larger than the window's reach (the clip kernels stage
+  // one halo for the spatial and the temporal window).
+  explicit Geometry(const Problem& p, int64_t stage_pad = 0)
       : N(p.N), C(p.C), H(p.H), W(p.W), K(p.window.kernel_size), KK(p.window.offsets()),
-        dilation(p.window.dilation), pad(p.window.pad()),
+        dilation(p.window.dilation), pad(std::max(p.window.pad(), stage_pad)),
         THB(int(TILE_H + 2 * pad)), TWB(int(TILE_W + 2 * pad)),
         BS(channel_stride(int64_t(THB) * TWB)), AS(channel_stride(TILE_H * TILE_W)) {}
 };
@@ -84,6 +86,29 @@ __device__ __forceinline__ TileOrigin tile_origin(const Geometry& g) {
 int64_t staged_chunk(const Geometry& g, int64_t acc_size, bool self) {
   const int64_t fixed = (int64_t(g.THB) * g.TWB + TILE_H * TILE_W) * acc_size + 81 * 4;
   const int64_t per_channel = (g.BS + (self ? 0 : g.AS)) * acc_size;
+  if (fixed + per_channel > SMEM_BUDGET) return 0;
+  return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
+}
+
+// The clip kernels' second window (Geometry holds the spatial one): frame t
+// of the clip against frame t + S, T frames a clip.
+struct ClipWindow {
+  int64_t T, S, K, KK, dilation;
+};
+inline ClipWindow clip_window(const Window& temporal, int64_t T, int64_t S) {
+  return {T, S, temporal.kernel_size, temporal.offsets(), temporal.dilation};
+}
+
+// The clip kernels' per-offset tables in shared memory, at most 81 offsets
+// per launch: an output position and four ints.
+constexpr int64_t CLIP_TABLE_BYTES = 81 * (8 + 4 * 4);
+
+// Channels per chunk when `tiles` tiles with the halo are staged per channel
+// (the clip kernels: 2 in the forward, 3 in the gather) next to `sq_tiles`
+// halo-sized sums of squares; 0 when one channel does not fit.
+int64_t clip_chunk(const Geometry& g, int64_t acc_size, int tiles, int sq_tiles) {
+  const int64_t fixed = int64_t(sq_tiles) * g.THB * g.TWB * acc_size + CLIP_TABLE_BYTES;
+  const int64_t per_channel = int64_t(tiles) * g.BS * acc_size;
   if (fixed + per_channel > SMEM_BUDGET) return 0;
   return std::max<int64_t>(1, std::min<int64_t>({g.C, 32, (SMEM_BUDGET - fixed) / per_channel}));
 }
@@ -183,11 +208,12 @@ unsigned flat_blocks(int64_t total) {
 }
 
 // Runs launch(G, k_begin, k_count) over the offsets [first, first + count) in
-// groups no larger than the biggest bucket, each with the smallest bucket.
+// groups no larger than `largest` (a bucket), each with the smallest bucket.
 template <typename Launch>
-cudaError_t for_offset_groups(int64_t first, int64_t count, Launch&& launch) {
-  for (int64_t k0 = first; k0 < first + count; k0 += 81) {
-    const int k_count = int(std::min<int64_t>(81, first + count - k0));
+cudaError_t for_offset_groups(int64_t first, int64_t count, Launch&& launch,
+                              int64_t largest = 81) {
+  for (int64_t k0 = first; k0 < first + count; k0 += largest) {
+    const int k_count = int(std::min<int64_t>(largest, first + count - k0));
     const int bucket = k_count <= 1 ? 1 : k_count <= 9 ? 9 : k_count <= 25 ? 25
                                                          : k_count <= 49 ? 49 : 81;
     const cudaError_t err = launch(bucket, int(k0), k_count);
