@@ -14,6 +14,7 @@ all reach. Which case reaches which branch (see the kernels' launchers):
 | grid caps           | image loops past gridDim.z, grid-stride loops past gridDim.x       |
 | shapes              | maps smaller than a tile and not a multiple of it, 1x1, C = 1, C past a chunk |
 | layouts             | channels_last, sliced, expanded operands; clip views (temporal)   |
+| spatiotemporal      | spatiotemporal (both tiles, groups of both windows, frames with no successor), clip_weights (absent terms), clip_gather (three tiles, zeroed ones, several groups, float16 partial sums), the composed passes (halo beyond shared memory), grid caps |
 """
 
 import pytest
@@ -233,3 +234,55 @@ def test_half_types_accumulate_in_float32_and_round_once(dtype, K, dilation):
     self_grad = ops._self_correlation_backward(g, a, self_out, *window)
     expected = ops._self_correlation_backward(g.float(), a.float(), self_out.float(), *window)
     assert torch.equal(self_grad, expected.to(dtype))
+
+
+# (B, T, C, H, W), (K, dilation, Kt, temporal dilation, frame_stride), layout
+CLIP_CASES = {
+    "stccl": ((2, 4, 5, 9, 35), (3, 1, 3, 1, 1), "contiguous"),
+    # 41 + 81 forward offsets (two launches), 81 + 2 * 81 weights (several gathers)
+    "groups": ((1, 2, 3, 9, 11), (9, 1, 9, 1, 1), "contiguous"),
+    # frame 1 is in no pair: spatial term alone, zeroed successor and predecessor tiles
+    "no-pair": ((1, 3, 4, 6, 7), (5, 1, 3, 2, 2), "contiguous"),
+    # channels innermost in each frame (staging along channels), several chunks
+    "channels-last": ((1, 3, 40, 6, 9), (3, 1, 1, 1, 1), "channels_last"),
+    # a halo beyond shared memory: the composed self and temporal passes
+    "halo-beyond-smem": ((1, 2, 2, 5, 6), (3, 20, 3, 1, 1), "contiguous"),
+}
+
+
+def check_clip(case, dtype, grads_of=("spatial", "temporal")):
+    shape, (K, d, Kt, dt, s), layout = CLIP_CASES[case]
+    v = rand(shape, dtype, sum(shape))
+    if layout == "channels_last":
+        v = v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    x, r = leaf(v), leaf(v)
+    got = stccl_ops.spatiotemporal_correlation(x, K, d, Kt, dt, s, backend=BACKEND)
+    want = (reference.spatial_correlation(r, K, d), reference.temporal_correlation(r, Kt, dt,
+                                                                                   frame_stride=s))
+    assert_close(got.spatial, want[0])
+    assert_close(got.temporal, want[1])
+    picks = [i for i, name in enumerate(("spatial", "temporal")) if name in grads_of]
+    upstream = [rand(want[i].shape, dtype, i + 7) for i in picks]
+    (mine,) = torch.autograd.grad([got[i] for i in picks], x, upstream)
+    (expected,) = torch.autograd.grad([want[i] for i in picks], r, upstream)
+    assert_close(mine, expected, "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+def test_spatiotemporal_kernels(case, dtype):
+    check_clip(case, dtype)
+
+
+@pytest.mark.parametrize("grads_of", [("spatial",), ("temporal",)])
+def test_spatiotemporal_kernels_one_volume(grads_of):
+    check_clip("stccl", torch.float32, grads_of)
+
+
+def test_spatiotemporal_kernels_past_the_grid():
+    module = stccl_ops._extension._C_cuda_emulated
+    module.set_grid_limits(flat_x=1, z=2)
+    try:
+        check_clip("no-pair", torch.float32)
+    finally:
+        module.set_grid_limits()

@@ -27,12 +27,14 @@ SUBSETS = {
     "asan": ("test_staged_forward_at_every_bucket or test_windows_of_several_offset_groups or "
              "test_self_correlation_staging_mirror or test_unstaged_kernels or "
              "test_image_and_grid_stride or test_map_sizes or test_strided_operands or "
-             "test_temporal_on_clip_views or test_zero_vectors"),
+             "test_temporal_on_clip_views or test_zero_vectors or test_spatiotemporal_kernels"),
     "tsan": ("(test_staged_forward_at_every_bucket and float32) or "
              "(test_windows_of_several_offset_groups and float16) or "
              "(test_self_correlation_staging_mirror and float64 and 5-2) or "
              "test_image_and_grid_stride or "
-             "(test_map_sizes and c70_k7 and float32)"),
+             "(test_map_sizes and c70_k7 and float32) or "
+             "(test_spatiotemporal_kernels and float32 and not halo) or "
+             "(test_spatiotemporal_kernels and float16 and groups)"),
 }
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer",
            "ERROR: LeakSanitizer")
