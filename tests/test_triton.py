@@ -192,7 +192,15 @@ def configs(of_window):
     unique = {str(cfg): cfg for K in (1, 3, 5, 7) for cfg in of_window(K)}
     return list(unique.values())
 
+# The spatiotemporal forward's groups: the spatial offsets up to the centre
+# plus the temporal ones, (K, Kt) = (1, 1), (3, 1), (3, 3), (5, 5), (7, 7).
+CLIP_OFFSETS = (2, 6, 14, 38, 74)
+def clip_configs(forward_configs):
+    unique = {str(cfg): cfg for n in CLIP_OFFSETS for cfg in forward_configs(1, n)}
+    return list(unique.values())
+
 FORWARD_CONFIGS, BACKWARD_CONFIGS = configs(m.forward_configs), configs(m.backward_configs)
+CLIP_FORWARD_CONFIGS = clip_configs(m.forward_configs)
 results = []
 for cc in (80, 90):
     for dtype in PTR:
@@ -205,6 +213,17 @@ for cc in (80, 90):
                 for mode in (m.MODE_A, m.MODE_B, m.MODE_SELF):
                     results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
                                                dict(cfg.kwargs, NORMALIZE=normalize, MODE=mode),
+                                               cfg.num_warps))
+        for cfg in CLIP_FORWARD_CONFIGS:
+            for normalize in (True, False):
+                results.append(compile_one(m._spatiotemporal_fwd_kernel, dtype, cc,
+                                           dict(cfg.kwargs, NORMALIZE=normalize), cfg.num_warps))
+        for cfg in BACKWARD_CONFIGS:
+            for normalize in (True, False):
+                for spatial, temporal in ((True, True), (True, False), (False, True)):
+                    results.append(compile_one(m._spatiotemporal_bwd_kernel, dtype, cc,
+                                               dict(cfg.kwargs, NORMALIZE=normalize,
+                                                    SPATIAL=spatial, TEMPORAL=temporal),
                                                cfg.num_warps))
         results.append(compile_one(m._inverse_norm_kernel, dtype, cc,
                                    {"BLOCK_P": 128, "BLOCK_C": 16}, 4))
@@ -226,7 +245,8 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_ahead_of_time_compile_for_sm80_and_sm90():
-    """Every kernel, every autotune configuration, every dtype and mode."""
+    """Every kernel, every autotune configuration, every dtype and mode (the
+    spatiotemporal ones: every group size, with and without each volume)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=1200)
@@ -238,7 +258,9 @@ def test_ahead_of_time_compile_for_sm80_and_sm90():
         return len({str(cfg) for K in (1, 3, 5, 7) for cfg in of_window(K)})
 
     forward, backward = count(m.forward_configs), count(m.backward_configs)
-    assert len(results) == 2 * 4 * (forward * 2 + backward * 2 * 3 + 4)
+    clip_forward = len({str(cfg) for n in (2, 6, 14, 38, 74) for cfg in m.forward_configs(1, n)})
+    assert len(results) == 2 * 4 * (forward * 2 + backward * 2 * 3 + 4 + clip_forward * 2
+                                    + backward * 2 * 3)
     for r in results:
         assert r["local"] == 0, f"spills: {r}"
         # 64-bit sizes turn the pixel divisions into calls, which take a stack
