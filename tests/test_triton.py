@@ -148,6 +148,7 @@ def test_triton_ops_on_cpu_tensors_outside_the_interpreter_are_a_clear_error():
 AOT_SCRIPT = r"""
 import json, os, re, subprocess, sys, glob
 os.environ.pop("TRITON_INTERPRET", None)
+import torch
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -166,6 +167,8 @@ def signature(fn, pointers, acc_pointers, ints):
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = acc_pointers if name.startswith(("inv", "pass", "eps")) else pointers
+        elif name.startswith("inv_"):  # 1 / a window size
+            sig[name] = "fp32"
         else:
             sig[name] = ints
     return sig
@@ -195,12 +198,14 @@ def configs(of_window):
 # The spatiotemporal forward's groups: the spatial offsets up to the centre
 # plus the temporal ones, (K, Kt) = (1, 1), (3, 1), (3, 3), (5, 5), (7, 7).
 CLIP_OFFSETS = (2, 6, 14, 38, 74)
-def clip_configs(forward_configs):
-    unique = {str(cfg): cfg for n in CLIP_OFFSETS for cfg in forward_configs(1, n)}
+TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+               "fp64": torch.float64}
+def clip_configs(dtype):
+    unique = {str(cfg): cfg for n in CLIP_OFFSETS
+              for cfg in m.clip_forward_configs(n, TORCH_DTYPE[dtype])}
     return list(unique.values())
 
 FORWARD_CONFIGS, BACKWARD_CONFIGS = configs(m.forward_configs), configs(m.backward_configs)
-CLIP_FORWARD_CONFIGS = clip_configs(m.forward_configs)
 results = []
 for cc in (80, 90):
     for dtype in PTR:
@@ -214,7 +219,7 @@ for cc in (80, 90):
                     results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
                                                dict(cfg.kwargs, NORMALIZE=normalize, MODE=mode),
                                                cfg.num_warps))
-        for cfg in CLIP_FORWARD_CONFIGS:
+        for cfg in clip_configs(dtype):
             for normalize in (True, False):
                 results.append(compile_one(m._spatiotemporal_fwd_kernel, dtype, cc,
                                            dict(cfg.kwargs, NORMALIZE=normalize), cfg.num_warps))
@@ -258,9 +263,11 @@ def test_ahead_of_time_compile_for_sm80_and_sm90():
         return len({str(cfg) for K in (1, 3, 5, 7) for cfg in of_window(K)})
 
     forward, backward = count(m.forward_configs), count(m.backward_configs)
-    clip_forward = len({str(cfg) for n in (2, 6, 14, 38, 74) for cfg in m.forward_configs(1, n)})
-    assert len(results) == 2 * 4 * (forward * 2 + backward * 2 * 3 + 4 + clip_forward * 2
-                                    + backward * 2 * 3)
+    clip_forward = sum(len({str(cfg) for n in (2, 6, 14, 38, 74)
+                            for cfg in m.clip_forward_configs(n, dtype)})
+                       for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    assert len(results) == 2 * (4 * (forward * 2 + backward * 2 * 3 + 4 + backward * 2 * 3)
+                                + clip_forward * 2)
     for r in results:
         assert r["local"] == 0, f"spills: {r}"
         # 64-bit sizes turn the pixel divisions into calls, which take a stack

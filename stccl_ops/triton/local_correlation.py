@@ -58,12 +58,24 @@ MAX_BLOCK_K = 64
 BACKWARD_TILE, BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = (8, 8), 16, 8
 
 
-def forward_configs(kernel_size: int, offsets: int = 0) -> list:
+def forward_configs(kernel_size: int, offsets: int = 0, max_block_k: int = MAX_BLOCK_K,
+                    accumulators: int = ACCUMULATORS) -> list:
     """offsets: the offsets a program may take, when not the window's K*K."""
-    block = min(MAX_BLOCK_K, triton.next_power_of_2(offsets or kernel_size * kernel_size))
+    block = min(max_block_k, triton.next_power_of_2(offsets or kernel_size * kernel_size))
     return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_K": block,
                            "BLOCK_C": max(1, B_ELEMENTS // (block * th * tw))}, num_warps=8)
-            for th, tw in TILES if block * th * tw <= ACCUMULATORS]
+            for th, tw in TILES if block * th * tw <= accumulators]
+
+
+# The spatiotemporal forward keeps each lane's window next to its sums: in
+# float64, 64 offsets a program or 4096 sums took every register and a stack
+# frame (BLOCK_K, accumulators).
+CLIP_LIMITS = {torch.float64: (32, 2048)}
+
+
+def clip_forward_configs(offsets: int, dtype: torch.dtype) -> list:
+    """The spatiotemporal forward's, for `offsets` spatial and temporal offsets."""
+    return forward_configs(1, offsets, *CLIP_LIMITS.get(dtype, (MAX_BLOCK_K, ACCUMULATORS)))
 
 
 def backward_configs(kernel_size: int) -> list:
@@ -289,7 +301,7 @@ def _local_correlation_bwd_kernel(
 @triton.jit
 def _spatiotemporal_fwd_kernel(
         v_ptr, spatial_ptr, temporal_ptr, eps_ptr, C, H, W, T, S, K, dilation, Kt, dilation_t,
-        offsets, v_inner, v_outer, v_batch, v_sc, v_sy, v_sx,
+        inv_K, inv_Kt, offsets, v_inner, v_outer, v_batch, v_sc, v_sy, v_sx,
         NORMALIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Both volumes of frame n of a clip: the spatial offsets up to the centre
@@ -306,17 +318,25 @@ def _spatiotemporal_fwd_kernel(
     spatial = j < offsets
     kt = j - offsets
     j_ok = spatial | ((kt < Kt * Kt) & (t + S < T))
-    # Each lane's window: offset k of window (KW, DW) in frame n or n + S.
+    # Each lane's offset: of the spatial window in frame n, or of the temporal
+    # one in frame n + S.
+    # The window row of offset k is floor((k + 0.5) / K), taken as a product
+    # with 1 / K: exact for K <= 255 (k + 0.5 lies at least 0.5 / K from a
+    # multiple of K), and no division (divisions by both window sizes took a
+    # call and a stack frame).
     k = tl.where(spatial, j, kt)
     KW = tl.where(spatial, K, Kt)
+    row = ((k.to(tl.float32) + 0.5) * tl.where(spatial, inv_K, inv_Kt)).to(tl.int32)
     DW = tl.where(spatial, dilation, dilation_t)
-    yq = y[None, :] + ((k // KW - KW // 2) * DW)[:, None]
-    xq = x[None, :] + ((k % KW - KW // 2) * DW)[:, None]
+    dy = (row - KW // 2) * DW
+    dx = (k - row * KW - KW // 2) * DW
+    yq = y[None, :] + dy[:, None]
+    xq = x[None, :] + dx[:, None]
     q_ok = j_ok[:, None] & p_ok[None, :] & (yq >= 0) & (yq < H) & (xq >= 0) & (xq < W)
-    frame = tl.where(spatial, n, n + S)
-    a_off = (_image_offset(n, v_inner, v_outer, v_batch) + y.to(tl.int64) * v_sy
-             + x.to(tl.int64) * v_sx)
-    b_off = (_image_offset(frame, v_inner, v_outer, v_batch)[:, None] + yq.to(tl.int64) * v_sy
+    own_img = _image_offset(n, v_inner, v_outer, v_batch)
+    next_img = _image_offset(n + S, v_inner, v_outer, v_batch)
+    a_off = own_img + y.to(tl.int64) * v_sy + x.to(tl.int64) * v_sx
+    b_off = (tl.where(spatial, own_img, next_img)[:, None] + yq.to(tl.int64) * v_sy
              + xq.to(tl.int64) * v_sx)
     acc = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
     sq_a = tl.zeros([TILE_H * TILE_W], dtype=ACC)
@@ -594,12 +614,13 @@ def triton_spatiotemporal_correlation(v: torch.Tensor, kernel_size: int, dilatio
     eps_acc = torch.full((1,), eps, dtype=torch.float64 if v.dtype == torch.float64
                          else torch.float32, device=v.device)
     kernel, launch = _kernel(_spatiotemporal_fwd_kernel,
-                             forward_configs(kernel_size, offsets + temporal_kernel_size ** 2))
+                             clip_forward_configs(offsets + temporal_kernel_size ** 2, v.dtype))
     grid = lambda meta: (triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"]),  # noqa: E731
                          triton.cdiv(offsets + temporal_kernel_size ** 2, meta["BLOCK_K"]), B * T)
     wrap_triton(kernel)[grid](
         v, spatial, temporal, eps_acc, C, H, W, T, frame_stride, kernel_size, dilation,
-        temporal_kernel_size, temporal_dilation, offsets, *strides6(v), NORMALIZE=normalize,
+        temporal_kernel_size, temporal_dilation, 1.0 / kernel_size, 1.0 / temporal_kernel_size,
+        offsets, *strides6(v), NORMALIZE=normalize,
         ACC=acc_dtype(v.dtype), **launch)
     if kernel_size > 1:
         wrap_triton(_mirror_kernel)[(triton.cdiv(H * W, 256), kernel_size ** 2 - offsets, B * T)](
