@@ -169,10 +169,8 @@ Layout<acc_t> clip_layout(const at::Tensor& v, const Window& temporal, const Win
                           bool forward) {
   const auto shape = dims(v);
   const int64_t H = shape[2], W = shape[3];
-  Layout<acc_t> L(v.size(0), shape[1], H, W, temporal, forward, flat_ok(H, W, {&v}),
-                  spatial ? spatial->pad() : 0);
-  L.N = v.size(0) * v.size(1);
-  return L;
+  return Layout<acc_t>(shape[0], shape[1], H, W, temporal, forward, flat_ok(H, W, {&v}),
+                       spatial ? spatial->pad() : 0);
 }
 
 // The spatial window's layout over the same staged bands as `clip` (see
@@ -181,8 +179,8 @@ template <typename acc_t>
 Layout<acc_t> spatial_layout(const at::Tensor& v, const Window& spatial,
                              const Layout<acc_t>& clip, bool forward) {
   const auto shape = dims(v);
-  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial, forward, flat_ok(shape[2], shape[3], {&v}),
-                  clip.pad);
+  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial, forward,
+                  flat_ok(shape[2], shape[3], {&v}), clip.pad);
   TORCH_INTERNAL_ASSERT(L.WB == clip.WB && L.rows_b == clip.rows_b && L.chunk == clip.chunk &&
                         L.stage_cstride == clip.stage_cstride && L.flat == clip.flat);
   return L;
