@@ -21,7 +21,8 @@ import stccl_ops
 BUILT_WITH_CUDA = bool(stccl_ops.build_info().get("cuda"))
 REQUIRED = os.environ.get("STCCL_REQUIRE_CUDA_BUILD") == "1"
 KERNELS = ("forward_staged_kernel", "forward_unstaged_kernel", "mirror_kernel",
-           "inverse_norms_kernel", "weights_kernel", "gather_kernel")
+           "inverse_norms_kernel", "weights_kernel", "gather_kernel", "spatiotemporal_kernel",
+           "clip_weights_kernel", "clip_gather_kernel")
 ARCHS = ("sm_80", "sm_90")
 
 
@@ -105,7 +106,9 @@ def test_no_spills_and_bounded_registers():
 
 def test_ops_have_cuda_kernels():
     for op in ("local_correlation", "_local_correlation_backward", "self_correlation",
-               "_self_correlation_backward"):
+               "_self_correlation_backward", "temporal_correlation",
+               "_temporal_correlation_backward", "spatiotemporal_correlation",
+               "_spatiotemporal_correlation_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"stccl_ops::{op}", "CUDA"), op
 
 
