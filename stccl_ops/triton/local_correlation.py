@@ -139,35 +139,19 @@ def _inverse_norm_kernel(x_ptr, inv_ptr, pass_ptr, C, H, W, inner, outer, batch,
 
 
 @triton.jit
-def _local_correlation_fwd_kernel(
-        a_ptr, b_ptr, out_ptr, eps_ptr, C, H, W, K, dilation, offsets,
-        a_inner, a_outer, a_batch, a_sc, a_sy, a_sx,
-        b_inner, b_outer, b_batch, b_sc, b_sy, b_sx,
-        NORMALIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """out[n, k, p] for a TILE_H x TILE_W tile of pixels p and BLOCK_K
-    consecutive offsets k < `offsets` (K*K; a self-correlation's up to the
-    centre, K*K // 2 + 1, the rest mirrored afterwards): per channel block,
-    the a tile and the b tile with its halo are each one load, and the
-    BLOCK_K x tile sums stay in registers.
-    The norms come from sums of squares of the same loads: twice the
-    multiply-adds of the products for b, but no pre-pass reading both inputs
-    again (which, counted, put K = 7 and 9 at 3.0x the floor bytes instead of
-    2.2x and 2.5x)."""
-    pid_t, pid_k, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    hw = H * W
-    kk = K * K
-    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < offsets
-    yq, xq, q_ok = _neighbours(y, x, p_ok, k, k_ok, K, dilation, H, W)
-    a_off = (_image_offset(n, a_inner, a_outer, a_batch) + y.to(tl.int64) * a_sy
-             + x.to(tl.int64) * a_sx)
-    b_off = (_image_offset(n, b_inner, b_outer, b_batch) + yq.to(tl.int64) * b_sy
-             + xq.to(tl.int64) * b_sx)
-    acc = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
-    sq_a = tl.zeros([TILE_H * TILE_W], dtype=ACC)
-    sq_b = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
+def _correlate_tile(a_ptr, b_ptr, a_off, b_off, a_sc, b_sc, p_ok, q_ok, C, eps_ptr,
+                    NORMALIZE: tl.constexpr, PIXELS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_K, PIXELS] correlations of a tile's pixels (a_off) with their
+    neighbours (b_off; q_ok: inside), 0 outside: per channel block the a tile
+    is one load and the neighbours of all BLOCK_K offsets another. The norms
+    come from sums of squares of the same loads: twice the multiply-adds of
+    the products for b, but no pre-pass reading both inputs again (which,
+    counted, put K = 7 and 9 at 3.0x the floor bytes instead of 2.2x and
+    2.5x)."""
+    acc = tl.zeros([BLOCK_K, PIXELS], dtype=ACC)
+    sq_a = tl.zeros([PIXELS], dtype=ACC)
+    sq_b = tl.zeros([BLOCK_K, PIXELS], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         c_ok = c < C
@@ -182,7 +166,33 @@ def _local_correlation_fwd_kernel(
     if NORMALIZE:
         eps = tl.load(eps_ptr)
         acc = acc / tl.maximum(tl.sqrt(sq_a), eps)[None, :] / tl.maximum(tl.sqrt(sq_b), eps)
-    acc = tl.where(q_ok, acc, 0.0)
+    return tl.where(q_ok, acc, 0.0)
+
+
+@triton.jit
+def _local_correlation_fwd_kernel(
+        a_ptr, b_ptr, out_ptr, eps_ptr, C, H, W, K, dilation, offsets,
+        a_inner, a_outer, a_batch, a_sc, a_sy, a_sx,
+        b_inner, b_outer, b_batch, b_sc, b_sy, b_sx,
+        NORMALIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """out[n, k, p] for a TILE_H x TILE_W tile of pixels p and BLOCK_K
+    consecutive offsets k < `offsets` (K*K; a self-correlation's up to the
+    centre, K*K // 2 + 1, the rest mirrored afterwards), the BLOCK_K x tile
+    sums in registers (_correlate_tile)."""
+    pid_t, pid_k, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hw = H * W
+    kk = K * K
+    y, x, p_ok = _tile(pid_t, H, W, TILE_H, TILE_W)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < offsets
+    yq, xq, q_ok = _neighbours(y, x, p_ok, k, k_ok, K, dilation, H, W)
+    a_off = (_image_offset(n, a_inner, a_outer, a_batch) + y.to(tl.int64) * a_sy
+             + x.to(tl.int64) * a_sx)
+    b_off = (_image_offset(n, b_inner, b_outer, b_batch) + yq.to(tl.int64) * b_sy
+             + xq.to(tl.int64) * b_sx)
+    acc = _correlate_tile(a_ptr, b_ptr, a_off, b_off, a_sc, b_sc, p_ok, q_ok, C, eps_ptr,
+                          NORMALIZE, TILE_H * TILE_W, BLOCK_K, BLOCK_C, ACC)
     dst = (n.to(tl.int64) * kk + k[:, None]) * hw + (y * W + x)[None, :]
     tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & p_ok[None, :])
 
@@ -338,24 +348,8 @@ def _spatiotemporal_fwd_kernel(
     a_off = own_img + y.to(tl.int64) * v_sy + x.to(tl.int64) * v_sx
     b_off = (tl.where(spatial, own_img, next_img)[:, None] + yq.to(tl.int64) * v_sy
              + xq.to(tl.int64) * v_sx)
-    acc = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
-    sq_a = tl.zeros([TILE_H * TILE_W], dtype=ACC)
-    sq_b = tl.zeros([BLOCK_K, TILE_H * TILE_W], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        c_ok = c < C
-        av = tl.load(v_ptr + a_off[None, :] + c[:, None] * v_sc,
-                     mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
-        bv = tl.load(v_ptr + b_off[None, :, :] + c[:, None, None] * v_sc,
-                     mask=c_ok[:, None, None] & q_ok[None, :, :], other=0.0).to(ACC)
-        acc += tl.sum(av[:, None, :] * bv, axis=0)
-        if NORMALIZE:
-            sq_a += tl.sum(av * av, axis=0)
-            sq_b += tl.sum(bv * bv, axis=0)
-    if NORMALIZE:
-        eps = tl.load(eps_ptr)
-        acc = acc / tl.maximum(tl.sqrt(sq_a), eps)[None, :] / tl.maximum(tl.sqrt(sq_b), eps)
-    acc = tl.where(q_ok, acc, 0.0)
+    acc = _correlate_tile(v_ptr, v_ptr, a_off, b_off, v_sc, v_sc, p_ok, q_ok, C, eps_ptr,
+                          NORMALIZE, TILE_H * TILE_W, BLOCK_K, BLOCK_C, ACC)
     p = (y * W + x)[None, :]
     tl.store(spatial_ptr + (n.to(tl.int64) * (K * K) + j[:, None]) * hw + p,
              acc.to(spatial_ptr.dtype.element_ty), mask=spatial[:, None] & p_ok[None, :])
