@@ -17,15 +17,19 @@ struct BackwardWorkspace {
   Buffer<acc_t> runs;                         // [chunk] x run_cstride
   Buffer<acc_t> converted;  // gradient rows of a band (one channel's or a chunk's), in scalar_t
   Buffer<acc_t> volume_rows;  // [3][Wv]: rows of grad_out and out in acc_t
-  explicit BackwardWorkspace(const Layout<acc_t>& L)
+  Buffer<acc_t> g_tile;       // the pixel gather's [2][K*K][x_tile] (see gradient_tile)
+  // other: the layout of a second window over the same bands (the clip's spatial one)
+  explicit BackwardWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* other = nullptr)
       : staged(L),
-        w_a(L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
+        w_a(L.pixel_gather ? 0 : L.band_rows * L.KK * L.Wv), w_b(w_a.size()),
         scale_a(L.band_rows * L.Wv), shift_a(scale_a.size()), scale_b(scale_a.size()),
         shift_b(scale_a.size()),
         dst(L.chunk * L.dst_cstride),
         runs(L.chunk * L.run_cstride),
         converted(L.run_buffer(L.chunk)),
-        volume_rows(3 * L.Wv) {}
+        volume_rows(3 * L.Wv),
+        g_tile(L.pixel_gather ? 2 * std::max(L.KK * L.x_tile, other ? other->KK * other->x_tile : 0)
+                              : 0) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -129,6 +133,26 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   }
 }
 
+// The last step of a gradient over a chunk's sums in dst: runs = scale * dst -
+// shift * own, rows in order (a row's last vector runs into the next row's
+// start, which is written after it).
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
+                                      const acc_t* dst, const GradientEpilogue<acc_t>& final) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      const acc_t* scale = final.scale + rr * L.Wv;
+      const acc_t* shift = final.shift + rr * L.Wv;
+      const acc_t* own = final.own + cc * final.own_cstride + rr * L.WB;
+      const acc_t* total = dst + cc * L.dst_cstride + rr * L.Wv;
+      acc_t* run = final.runs + cc * final.run_cstride + rr * L.W;
+      for (int64_t xb = 0; xb < L.Wv; xb += V)
+        store(run + xb, load(scale + xb) * load(total + xb) - load(shift + xb) * load(own + xb));
+    }
+  }
+}
+
 // dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;
 // with `final` (positioned at the band's first row), the last term of a
 // gradient: the sums go on through the epilogue into its runs.
@@ -187,18 +211,138 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
       }
     }
   });
-  if (!final) return;
+  if (final) finish_chunk(L, rows, count, dst, *final);
+}
+
+// The pixel gather (few channels, see Layout::pixel_gather): per vector of
+// pixels, the weight of each offset is formed in a register from grad_out
+// and the other operand's inverse norm as the offsets go by, and multiplies
+// every channel's neighbour into that channel's sum, one register each:
+//   dst[c][p] (+)= sum_k G[k][p] inv[p + d_k] other[c][p + d_k]
+// (no weight buffers, no pass over the weights per channel chunk). The
+// shift needs no read of `out` (pixel_shift). G, inv and other point at the
+// vector: G the offsets' weights g_stride apart, inv and other at the
+// window's first offset in staged rows.
+template <int CHANNELS, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const acc_t* inv,
+                                       const acc_t* other, int64_t cstride, int64_t K,
+                                       int64_t step, int64_t dil_rt, acc_t* dst,
+                                       int64_t dst_cstride, bool accumulate) {
   using vec = typename Simd<acc_t>::vec;
-  for (int64_t cc = 0; cc < count; ++cc) {
-    // Rows in order: a row's last vector runs into the next row's start,
-    // which is written after it.
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec sum[CHANNELS];
+#pragma GCC unroll 8
+  for (int c = 0; c < CHANNELS; ++c) sum[c] = accumulate ? load(dst + c * dst_cstride) : vec{};
+  for (int64_t i = 0; i < K; ++i, inv += dil * step, other += dil * step) {
+    for (int64_t j = 0; j < K; ++j, G += g_stride) {
+      const vec w = load(G) * load(inv + j * dil);
+#pragma GCC unroll 8
+      for (int c = 0; c < CHANNELS; ++c) sum[c] += w * load(other + c * cstride + j * dil);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < CHANNELS; ++c) store(dst + c * dst_cstride, sum[c]);
+}
+
+// G[k][x] = grad_out's weight of offset k at pixel (y, x0 + x), x < X, in
+// acc_t, zero where the term does not exist: mode A g[k] at the pixel; mode B
+// g[mirror(k)] at p + d_k (the output whose offset mirror(k) lands on p);
+// Self the sum of both. `scratch` holds one more row of X.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void gradient_tile(const Operand<scalar_t>& grad_out, const Layout<acc_t>& L,
+                                       GradMode mode, int64_t n, int64_t y, int64_t x0,
+                                       int64_t X, acc_t* G, acc_t* scratch) {
+  const int64_t K = L.K, W = L.W, H = L.H, gx = grad_out.strides.x;
+  for (int64_t k = 0; k < L.KK; ++k) {
+    acc_t* row = G + k * X;
+    if (mode != GradMode::B) {
+      const int64_t hi = std::min(X, W - x0);
+      const acc_t* g = row_in_acc(grad_out.row(n, k, y) + x0 * gx, gx, 0, hi, row);
+      if (g != row) std::copy_n(g, hi, row);
+      std::fill(row + hi, row + X, acc_t(0));
+    }
+    if (mode == GradMode::A) continue;
+    const int64_t dy = offset_dy(k, K, L.dilation), dx = offset_dx(k, K, L.dilation);
+    acc_t* mirrored = mode == GradMode::B ? row : scratch;
+    const int64_t lo = std::clamp<int64_t>(-dx - x0, 0, X);
+    const int64_t hi = std::clamp<int64_t>(W - dx - x0, lo, X);
+    if (y + dy < 0 || y + dy >= H) {
+      if (mode == GradMode::B) std::fill_n(row, X, acc_t(0));
+      continue;
+    }
+    const acc_t* g = row_in_acc(grad_out.row(n, mirror_offset(k, K), y + dy) + (x0 + dx) * gx, gx,
+                                lo, hi, mirrored);
+    if (mode == GradMode::B) {
+      if (g != row) std::copy(g + lo, g + hi, row + lo);
+      std::fill_n(row, lo, acc_t(0));
+      std::fill(row + hi, row + X, acc_t(0));
+    } else {
+      for (int64_t x = lo; x < hi; ++x) row[x] += g[x];
+    }
+  }
+}
+
+// One term of a gradient by the pixel gather, into dst (the band's sums of
+// every channel, accumulating onto them or not): the other operand's staged
+// rows and inverse norms `other` and `other_inv` (at the window's reach, see
+// Layout::inset), grad_out's weights by gradient_tile. `tile`: 2 * K*K
+// * x_tile values of scratch.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand<scalar_t>& grad_out,
+                                           GradMode mode, int64_t n, int64_t y0, int64_t rows,
+                                           const acc_t* other_inv, const acc_t* other,
+                                           acc_t* dst, bool accumulate, acc_t* tile) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t X = L.x_tile;
+  acc_t* scratch = tile + L.KK * X;
+  STCCL_WITH_DILATION(L.dilation, {
     for (int64_t rr = 0; rr < rows; ++rr) {
-      for (int64_t xb = 0; xb < Wv; xb += V) {
-        const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
-        const vec total = load(dst + cc * L.dst_cstride + rr * Wv + xb);
-        store(e.runs + cc * e.run_cstride,
-              load(e.scale) * total - load(e.shift) * load(e.own + cc * e.own_cstride));
+      for (int64_t x0 = 0; x0 < L.Wv; x0 += X) {
+        const int64_t width = std::min(X, L.Wv - x0);
+        gradient_tile(grad_out, L, mode, n, y0 + rr, x0, width, tile, scratch);
+        for (int64_t xb = 0; xb < width; xb += V) {
+          const int64_t at = rr * L.WB + x0 + xb;
+          auto run = [&](auto channels) STCCL_LAMBDA_INLINE {
+            gather_pixels<decltype(channels)::value, DIL>(
+                tile + xb, width, other_inv + at, other + at, L.stage_cstride, L.K, L.row_step,
+                L.dilation, dst + rr * L.Wv + x0 + xb, L.dst_cstride, accumulate);
+          };
+          switch (L.C) {
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            case 4: run(std::integral_constant<int, 4>{}); break;
+            case 5: run(std::integral_constant<int, 5>{}); break;
+            case 6: run(std::integral_constant<int, 6>{}); break;
+            case 7: run(std::integral_constant<int, 7>{}); break;
+            case 8: run(std::integral_constant<int, 8>{}); break;
+            default: TORCH_INTERNAL_ASSERT(false, "pixel gather of more than 8 channels");
+          }
+        }
       }
+    }
+  });
+}
+
+// The scale and shift of a gradient from its sums S = dst of every channel,
+// without the volume: grad = inv S - pass inv^2 c own with
+// c = sum_k g out = inv <own, S> (out = inv_own inv_other <own, other>), so
+// shift = pass inv^3 <own, S>; 0 in raw mode (pass = 0).
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void pixel_shift(const Layout<acc_t>& L, int64_t rows, const acc_t* own,
+                                     const acc_t* inv_own, const acc_t* pass_own,
+                                     const acc_t* dst, acc_t* scale, acc_t* shift) {
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t xb = 0; xb < L.Wv; xb += V) {
+      const int64_t at = rr * L.WB + xb, p = rr * L.Wv + xb;
+      vec dot{};
+      for (int64_t c = 0; c < L.C; ++c)
+        dot += load(own + c * L.stage_cstride + at) * load(dst + c * L.dst_cstride + p);
+      const vec inv = load(inv_own + at);
+      store(scale + p, inv);
+      store(shift + p, load(pass_own + at) * inv * inv * inv * dot);
     }
   }
 }
@@ -250,6 +394,24 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   if (two)
     halo_norms(args.b, args.normalize, args.eps, L, n, y0, rows_b, b_stage, B.inv.data(),
                B.pass.data());
+  if (L.pixel_gather) {
+    // Each gradient: its sums, then scale and shift from them, then the runs.
+    auto gradient = [&](GradMode mode, const StagedBand<acc_t>& own,
+                        const StagedBand<acc_t>& other, scalar_t* grad) STCCL_LAMBDA_INLINE {
+      const int64_t at = L.own_offset();
+      pixel_gather_term(L, args.grad_out, mode, n, y0, rows, other.inv.data(),
+                        other.stage.data(), ws.dst.data(), false, ws.g_tile.data());
+      pixel_shift(L, rows, own.stage.data() + at, own.inv.data() + at, own.pass.data() + at,
+                  ws.dst.data(), ws.scale_a.data(), ws.shift_a.data());
+      finish_chunk(L, rows, L.C, ws.dst.data(),
+                   {ws.scale_a.data(), ws.shift_a.data(), own.stage.data() + at,
+                    L.stage_cstride, ws.runs.data(), L.run_cstride});
+      write_gradient(L, n, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), grad);
+    };
+    if (args.grad_a) gradient(two ? GradMode::A : GradMode::Self, A, B, args.grad_a);
+    if (args.grad_b) gradient(GradMode::B, B, A, args.grad_b);
+    return;
+  }
   if (args.grad_a)
     gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
                      A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),

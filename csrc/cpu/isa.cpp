@@ -53,7 +53,8 @@ void set_layout(const std::string& name) {
   if (name == "auto") forced_layout = LayoutChoice::Auto;
   else if (name == "rows") forced_layout = LayoutChoice::Rows;
   else if (name == "flat") forced_layout = LayoutChoice::Flat;
-  else TORCH_CHECK(false, "stccl_ops: unknown CPU layout '", name, "' (auto, rows, flat)");
+  else if (name == "pixels") forced_layout = LayoutChoice::Pixels;
+  else TORCH_CHECK(false, "stccl_ops: unknown CPU layout '", name, "' (auto, rows, flat, pixels)");
 }
 
 }  // namespace stccl::cpu

@@ -18,9 +18,11 @@ bool use_avx2();
 // The layout of the CPU kernels' bands (see Layout in staging.h): chosen per
 // call by its rule (Auto), or forced (for tests; an operand that cannot be
 // read flat still gets rows).
-enum class LayoutChoice { Auto, Rows, Flat };
+// Pixels: the backward's pixel gather wherever it can run (see
+// pixel_gather_pays), rows or flat by the rule for the rest.
+enum class LayoutChoice { Auto, Rows, Flat, Pixels };
 LayoutChoice layout_choice();
-// "auto", "rows" or "flat"; raises for an unknown name.
+// "auto", "rows", "flat" or "pixels"; raises for an unknown name.
 void set_layout(const std::string& name);
 
 // The rule of LayoutChoice::Auto, measured in docs/cpu_kernels.md: flat for
@@ -31,6 +33,16 @@ void set_layout(const std::string& name);
 constexpr int64_t FLAT_MAX_W = 16, FLAT_MAX_PIXELS = 512, FLAT_MAX_FORWARD_PIXELS = 256;
 inline bool flat_pays(int64_t H, int64_t W, bool forward) {
   return W <= FLAT_MAX_W && H * W <= (forward ? FLAT_MAX_FORWARD_PIXELS : FLAT_MAX_PIXELS);
+}
+
+// The backward's pixel gather (every channel's sum in a register, one
+// register per channel) takes at most PIXEL_GATHER_MAX_CHANNELS; the rule of
+// LayoutChoice::Auto, measured in docs/cpu_kernels.md, picks it for
+// few channels, where the chunked gather's per-offset weight buffers cost
+// more than its channel loop.
+constexpr int64_t PIXEL_GATHER_MAX_CHANNELS = 8;
+inline bool pixel_gather_pays(int64_t C, int64_t K) {
+  return C <= PIXEL_GATHER_MAX_CHANNELS && K >= 1;
 }
 
 }  // namespace stccl::cpu

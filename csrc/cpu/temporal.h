@@ -151,8 +151,8 @@ template <typename acc_t>
 struct ClipBackwardWorkspace : BackwardWorkspace<acc_t> {
   Buffer<acc_t> w_s, shift_s;
   ClipBackwardWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* spatial)
-      : BackwardWorkspace<acc_t>(L),
-        w_s(spatial ? L.band_rows * spatial->KK * L.Wv : 0),
+      : BackwardWorkspace<acc_t>(L, spatial),
+        w_s(spatial && !L.pixel_gather ? L.band_rows * spatial->KK * L.Wv : 0),
         shift_s(spatial ? L.band_rows * L.Wv : 0) {}
 };
 
@@ -183,6 +183,37 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
       stage_frame(own, args.normalize, args.eps, L, m, band, y0, rows_b, ws.staged);
   // Every term's scale is the inverse norm of v_t: one buffer for all.
   acc_t* scale = ws.scale_a.data();
+  if (L.pixel_gather) {
+    // The terms' sums into one accumulator; the shift from their total.
+    const int64_t at = L.own_offset();
+    bool accumulate = false;
+    auto term = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
+                    const StagedBand<acc_t>& other) STCCL_LAMBDA_INLINE {
+      pixel_gather_term(Lw, grad_out, mode, 0, y0, rows, other.inv.data() + Lw.inset,
+                        other.stage.data() + Lw.inset, ws.dst.data(), accumulate,
+                        ws.g_tile.data());
+      accumulate = true;
+    };
+    if (has_self)
+      term(*args.spatial_layout, GradMode::Self, image_view(args.grad_spatial, m), own_band);
+    if (has_next)
+      term(L, GradMode::A, image_view(args.grad_out, pair_base + t),
+           stage_frame(image_view(args.v, m + s), args.normalize, args.eps, L, m + s, band, y0,
+                       rows_b, ws.staged));
+    if (has_prev)
+      term(L, GradMode::B, image_view(args.grad_out, pair_base + t - s),
+           stage_frame(image_view(args.v, m - s), args.normalize, args.eps, L, m - s, band, y0,
+                       rows_b, ws.staged));
+    if (!accumulate) std::fill_n(ws.dst.data(), L.C * L.dst_cstride, acc_t(0));  // in no pair
+    const acc_t* own_rows = own_band.stage.data() + at;
+    pixel_shift(L, rows, own_rows, own_band.inv.data() + at, own_band.pass.data() + at,
+                ws.dst.data(), scale, ws.shift_a.data());
+    finish_chunk(L, rows, L.C, ws.dst.data(),
+                 {scale, ws.shift_a.data(), own_rows, L.stage_cstride, ws.runs.data(),
+                  L.run_cstride});
+    write_gradient(L, m, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
+    return;
+  }
   auto weights = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
                      const Operand<scalar_t>& out, const StagedBand<acc_t>& other, acc_t* w,
                      acc_t* shift) STCCL_LAMBDA_INLINE {
