@@ -42,4 +42,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Force the CPU kernels' band layout: 'auto', 'rows' or 'flat' (for tests).");
   m.def("_cpu_layout_is_flat", &stccl::cpu::flat_pays,
         "Whether the automatic rule lays out an (H, W) image flat, in the forward or backward.");
+  m.def("_cpu_pixel_gather_pays", &stccl::cpu::pixel_gather_pays,
+        "Whether the automatic rule gives the backward of C channels and window K the pixel gather.");
 }

@@ -223,6 +223,26 @@ def test_layout_rule_on_both_sides_of_its_thresholds():
         _extension._C._set_cpu_layout("diagonal")
 
 
+def test_pixel_gather_rule_on_both_sides_of_its_thresholds():
+    """The backward's pixel gather for up to 8 channels, 16 from K = 5 and 32
+    from K = 7; forcing it ("pixels") reaches 64 channels, chunks past that."""
+    pays = _extension._C._cpu_pixel_gather_pays
+    assert pays(1, 1) and pays(8, 3) and not pays(9, 3)
+    assert pays(16, 5) and not pays(17, 5) and pays(32, 7) and not pays(33, 7)
+    assert pays(32, 21) and not pays(64, 21)
+    a, b = torch.randn(1, 65, 6, 7, dtype=torch.float64), torch.randn(1, 65, 6, 7, dtype=torch.float64)
+    g = torch.randn(1, 9, 6, 7, dtype=torch.float64)
+    _extension._C._set_cpu_layout("pixels")
+    try:  # 65 channels: the chunked gather, forced or not
+        out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, 3, backend="cpp"),
+                         (leaf(a), leaf(b)), g)
+    finally:
+        _extension._C._set_cpu_layout("auto")
+    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 3), (leaf(a), leaf(b)), g)
+    for mine, expected in zip(got, want):
+        assert_close(mine, expected, "grad")
+
+
 LAYOUT_SHAPES = {
     "7x7": ((2, 37, 7, 7), 3, 1),
     "window-past-map": ((2, 5, 3, 2), 7, 2),  # every neighbour row wraps or falls off
@@ -231,6 +251,7 @@ LAYOUT_SHAPES = {
     "one-column": ((2, 6, 11, 1), 3, 2),
     "16x16-K9": ((1, 20, 16, 16), 9, 1),
     "tall-narrow": ((1, 6, 40, 5), 5, 1),
+    "two-blocks": ((2, 12, 9, 21), 7, 1),  # the pixel gather's channels in blocks of 6
 }
 
 

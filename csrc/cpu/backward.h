@@ -223,6 +223,10 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 // shift needs no read of `out` (pixel_shift). G, inv and other point at the
 // vector: G the offsets' weights g_stride apart, inv and other at the
 // window's first offset in staged rows.
+// Channels per register block of the pixel gather: their sums, the weight
+// and the loads take 11 of the 16 registers.
+constexpr int PIXEL_BLOCK = 8;
+
 template <int CHANNELS, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const acc_t* inv,
                                        const acc_t* other, int64_t cstride, int64_t K,
@@ -302,21 +306,26 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
         gradient_tile(grad_out, L, mode, n, y0 + rr, x0, width, tile, scratch);
         for (int64_t xb = 0; xb < width; xb += V) {
           const int64_t at = rr * L.WB + x0 + xb;
-          auto run = [&](auto channels) STCCL_LAMBDA_INLINE {
-            gather_pixels<decltype(channels)::value, DIL>(
-                tile + xb, width, other_inv + at, other + at, L.stage_cstride, L.K, L.row_step,
-                L.dilation, dst + rr * L.Wv + x0 + xb, L.dst_cstride, accumulate);
-          };
-          switch (L.C) {
-            case 1: run(std::integral_constant<int, 1>{}); break;
-            case 2: run(std::integral_constant<int, 2>{}); break;
-            case 3: run(std::integral_constant<int, 3>{}); break;
-            case 4: run(std::integral_constant<int, 4>{}); break;
-            case 5: run(std::integral_constant<int, 5>{}); break;
-            case 6: run(std::integral_constant<int, 6>{}); break;
-            case 7: run(std::integral_constant<int, 7>{}); break;
-            case 8: run(std::integral_constant<int, 8>{}); break;
-            default: TORCH_INTERNAL_ASSERT(false, "pixel gather of more than 8 channels");
+          // Channels in blocks of at most PIXEL_BLOCK, as equal as can be.
+          const int64_t blocks = (L.C + PIXEL_BLOCK - 1) / PIXEL_BLOCK;
+          const int64_t size = (L.C + blocks - 1) / blocks;
+          for (int64_t c0 = 0; c0 < L.C; c0 += size) {
+            auto run = [&](auto channels) STCCL_LAMBDA_INLINE {
+              gather_pixels<decltype(channels)::value, DIL>(
+                  tile + xb, width, other_inv + at, other + c0 * L.stage_cstride + at,
+                  L.stage_cstride, L.K, L.row_step, L.dilation,
+                  dst + c0 * L.dst_cstride + rr * L.Wv + x0 + xb, L.dst_cstride, accumulate);
+            };
+            switch (std::min(size, L.C - c0)) {
+              case 1: run(std::integral_constant<int, 1>{}); break;
+              case 2: run(std::integral_constant<int, 2>{}); break;
+              case 3: run(std::integral_constant<int, 3>{}); break;
+              case 4: run(std::integral_constant<int, 4>{}); break;
+              case 5: run(std::integral_constant<int, 5>{}); break;
+              case 6: run(std::integral_constant<int, 6>{}); break;
+              case 7: run(std::integral_constant<int, 7>{}); break;
+              default: run(std::integral_constant<int, PIXEL_BLOCK>{}); break;
+            }
           }
         }
       }

@@ -35,14 +35,17 @@ inline bool flat_pays(int64_t H, int64_t W, bool forward) {
   return W <= FLAT_MAX_W && H * W <= (forward ? FLAT_MAX_FORWARD_PIXELS : FLAT_MAX_PIXELS);
 }
 
-// The backward's pixel gather (every channel's sum in a register, one
-// register per channel) takes at most PIXEL_GATHER_MAX_CHANNELS; the rule of
-// LayoutChoice::Auto, measured in docs/cpu_kernels.md, picks it for
-// few channels, where the chunked gather's per-offset weight buffers cost
-// more than its channel loop.
-constexpr int64_t PIXEL_GATHER_MAX_CHANNELS = 8;
+// The backward's pixel gather (every channel's sum in a register, see
+// backward.h) takes at most PIXEL_GATHER_MAX_CHANNELS (it stages a band of
+// every channel at once); the rule of LayoutChoice::Auto, measured in
+// docs/cpu_kernels.md, picks it for few channels, where the chunked gather's
+// per-offset weight buffers cost more than its channel loop.
+// Its gain grows with the window (more offsets per pixel for the weight
+// buffers to hold): up to 8 channels for any window, 16 from K = 5, 32 from
+// K = 7.
+constexpr int64_t PIXEL_GATHER_MAX_CHANNELS = 64;
 inline bool pixel_gather_pays(int64_t C, int64_t K) {
-  return C <= PIXEL_GATHER_MAX_CHANNELS && K >= 1;
+  return C <= (K >= 7 ? 32 : K >= 5 ? 16 : 8);
 }
 
 }  // namespace stccl::cpu
