@@ -214,6 +214,10 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
   if (final) finish_chunk(L, rows, count, dst, *final);
 }
 
+// Channels per register block of the pixel gather: their sums, the weight
+// and the loads take 11 of the 16 registers.
+constexpr int PIXEL_BLOCK = 8;
+
 // The pixel gather (few channels, see Layout::pixel_gather): per vector of
 // pixels, the weight of each offset is formed in a register from grad_out
 // and the other operand's inverse norm as the offsets go by, and multiplies
@@ -223,10 +227,6 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 // shift needs no read of `out` (pixel_shift). G, inv and other point at the
 // vector: G the offsets' weights g_stride apart, inv and other at the
 // window's first offset in staged rows.
-// Channels per register block of the pixel gather: their sums, the weight
-// and the loads take 11 of the 16 registers.
-constexpr int PIXEL_BLOCK = 8;
-
 template <int CHANNELS, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const acc_t* inv,
                                        const acc_t* other, int64_t cstride, int64_t K,

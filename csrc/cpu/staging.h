@@ -7,7 +7,8 @@
 // bounds checks), with the sums of squares that become inverse norms. Inputs
 // are read from memory once per task (halo rows again, mostly from cache) and
 // no copy of a whole input is made: the extra memory is per-thread scratch of
-// O(rows * W) (up to 512 KiB per operand of staged rows in the backward).
+// O(rows * W) (up to 512 KiB per operand of staged rows in the backward; the
+// pixel gather stages a band of all of its at most 64 channels).
 //
 // Every output element is produced by one task with a fixed summation order
 // (chunks in order, channels in order), so results are bitwise identical for
