@@ -41,7 +41,10 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 // zeroing its page, cost more than the kernel on outputs of tens of MiB.
 // Only from HUGE_PAGE_RESULT_BYTES: a huge page is zeroed whole by the first
 // thread that touches it, which serialises the threads on results of a few
-// huge pages (measured in docs/benchmarks.md).
+// huge pages (measured in docs/benchmarks.md). The huge pages are faulted in
+// before the kernels run, a share of them per thread: the kernels' tasks
+// write every offset plane (or channel) of a band, so each huge page was
+// first touched by whichever thread came first while the others waited on it.
 constexpr int64_t HUGE_PAGE_RESULT_BYTES = 32 << 20;
 
 at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
@@ -52,7 +55,12 @@ at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = begin + t.nbytes();
   const uintptr_t first = (begin + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), last = end & ~(HUGE_PAGE - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (last <= first || madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE) != 0)
+    return t;
+  volatile char* pages = reinterpret_cast<char*>(first);
+  at::parallel_for(0, int64_t((last - first) / HUGE_PAGE), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t page = lo; page < hi; ++page) pages[page * HUGE_PAGE] = 0;
+  });
 #endif
   return t;
 }
