@@ -61,6 +61,31 @@ STCCL_ALWAYS_INLINE const acc_t* row_in_acc(const scalar_t* row, int64_t stride,
   return buffer;
 }
 
+// One row of gradient_weights: wk = (g + g_mirror) * inv_q over [x_lo, x_hi)
+// and, given `out` (o), the shift's sums csum += (g + g_mirror) * o.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void weight_row(const acc_t* g, const acc_t* g_mirror, const acc_t* o,
+                                    const acc_t* inv_q, int64_t x_lo, int64_t x_hi, acc_t* wk,
+                                    acc_t* csum) {
+  auto loop = [&](auto with_mirror, auto with_shift) STCCL_LAMBDA_INLINE {
+    for (int64_t x = x_lo; x < x_hi; ++x) {
+      acc_t gv = g[x];
+      if constexpr (decltype(with_mirror)::value) gv += g_mirror[x];
+      wk[x] = gv * inv_q[x];
+      if constexpr (decltype(with_shift)::value) csum[x] += gv * o[x];
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (g_mirror) {
+    if (o) loop(yes{}, yes{});
+    else loop(yes{}, no{});
+  } else {
+    if (o) loop(no{}, yes{});
+    else loop(no{}, no{});
+  }
+}
+
 // The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
 // scale and shift, for one band. With â = a * ra:
 //   grad_a[p] = ra_p sum_k g[p,k] rb_q b_q - pass_p ra_p^2 c_p a_p,
@@ -79,6 +104,7 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
                                           acc_t* volume_rows) {
   const int64_t K = L.K, KK = L.KK, H = L.image_H, W = L.image_W, Wv = L.Wv;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
+  const bool shifted = args.normalize;  // raw mode has no shift: out is not read
   std::fill_n(w, rows * KK * Wv, acc_t(0));
   std::fill_n(shift, rows * Wv, acc_t(0));
   for (int64_t rr = 0; rr < L.image_rows(rows); ++rr) {
@@ -101,27 +127,20 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
         const int64_t km = mirror_offset(k, K);
         const acc_t* g = row_in_acc(args.grad_out.row(n, km, yq) + dx * gx, gx, x_lo, x_hi,
                                     volume_rows);
-        const acc_t* o = row_in_acc(args.out.row(n, km, yq) + dx * ox, ox, x_lo, x_hi,
-                                    volume_rows + Wv);
-        for (int64_t x = x_lo; x < x_hi; ++x) {
-          const acc_t gv = g[x];
-          wk[x] = gv * inv_q[x];
-          csum[x] += gv * o[x];
-        }
+        const acc_t* o = shifted ? row_in_acc(args.out.row(n, km, yq) + dx * ox, ox, x_lo,
+                                              x_hi, volume_rows + Wv)
+                                 : nullptr;
+        weight_row(g, static_cast<const acc_t*>(nullptr), o, inv_q, x_lo, x_hi, wk, csum);
       } else {
         const acc_t* g = row_in_acc(args.grad_out.row(n, k, y), gx, x_lo, x_hi, volume_rows);
-        const acc_t* o = row_in_acc(args.out.row(n, k, y), ox, x_lo, x_hi, volume_rows + Wv);
+        const acc_t* o =
+            shifted ? row_in_acc(args.out.row(n, k, y), ox, x_lo, x_hi, volume_rows + Wv) : nullptr;
         const acc_t* g_mirror =
             mode == GradMode::Self
                 ? row_in_acc(args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx, gx, x_lo,
                              x_hi, volume_rows + 2 * Wv)
                 : nullptr;
-        for (int64_t x = x_lo; x < x_hi; ++x) {
-          acc_t gv = g[x];
-          if (g_mirror) gv += g_mirror[x];
-          wk[x] = gv * inv_q[x];
-          csum[x] += gv * o[x];
-        }
+        weight_row(g, g_mirror, o, inv_q, x_lo, x_hi, wk, csum);
       }
     }
     const acc_t* inv_p = inv_own + s_row;
@@ -394,6 +413,10 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   const int64_t n = task / L.bands, y0 = (task % L.bands) * L.band_rows;
   const int64_t rows = std::min(L.band_rows, L.H - y0), rows_b = rows + 2 * L.pad_y;
   const bool two = !args.self;
+  if (L.flat && n + 1 < L.N) {  // the next task's image: its volumes' planes are short bursts
+    prefetch_image(args.grad_out, L, n + 1, L.KK);
+    if (args.normalize) prefetch_image(args.out, L, n + 1, L.KK);
+  }
   StagedBand<acc_t>& A = ws.staged[0];
   StagedBand<acc_t>& B = two ? ws.staged[1] : A;
   acc_t* a_stage = A.stage.data();

@@ -242,6 +242,20 @@ STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layo
   }
 }
 
+// Prefetches planes [0, planes) of image n when each is one contiguous run
+// (the flat layout's whole images): the hardware prefetcher does not ramp up
+// on runs of a few hundred bytes, each in another plane.
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void prefetch_image(const Operand<scalar_t>& src, const Layout<acc_t>& L,
+                                        int64_t n, int64_t planes) {
+  if (src.strides.x != 1 || !rows_adjacent(src.strides, L.image_H, L.image_W)) return;
+  const int64_t bytes = L.image_H * L.image_W * int64_t(sizeof(scalar_t));
+  for (int64_t c = 0; c < planes; ++c) {
+    const char* plane = reinterpret_cast<const char*>(src.row(n, c, 0));
+    for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(plane + byte);
+  }
+}
+
 // One row of W values already in acc_t, contiguous, of CHANNELS channels
 // (s_cstride apart) to d (d_cstride apart), and their squares added to q
 // unless null, in whole vectors. The last vector reads past the row (the
