@@ -57,9 +57,10 @@ constexpr int64_t SINGLE_RUN_BYTES = 64 * 1024;
 // computed a channel per line-aligned slot); worth it only for short runs.
 constexpr int64_t SINGLE_GRADIENT_RUN_BYTES = 512;
 // The pixel gather's tile of grad_out rows, K*K rows of x_tile values: at
-// most this size (whole rows of up to 668 floats for K = 7). Measured on
-// 512 x 512 maps with K = 7, against tiles of 64 values (12.5 KiB, in L1):
-// 0.82x the time; fewer, longer copies of the rows keep more of them in flight.
+// most this size (whole rows of up to 664 floats for K = 7). Measured on
+// 512 x 512 maps with K = 7, whole rows against tiles of 64 values (12.5 KiB,
+// in L1): 0.83-0.88x the time; fewer, longer copies of rows that come from
+// memory.
 constexpr int64_t PIXEL_TILE_BYTES = 128 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
