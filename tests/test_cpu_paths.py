@@ -189,13 +189,14 @@ def test_results_streamed_as_one_run_or_one_per_offset(cpu_path, dtype, op, shap
 
 
 def test_large_results_on_huge_pages_match_the_reference():
-    """Results of several MiB take the madvise(MADV_HUGEPAGE) path."""
-    a = leaf(torch.randn(1, 3, 160, 160, dtype=torch.float64).float())
-    b = leaf(torch.randn(1, 3, 160, 160, dtype=torch.float64).float())
-    grad_out = torch.randn(1, 81, 160, 160)  # 8 MiB
-    out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, 9, backend="cpp"), (a, b),
+    """Results of 32 MiB and more take the madvise(MADV_HUGEPAGE) path, their
+    huge pages faulted in by all threads before the kernels write them."""
+    a = leaf(torch.randn(1, 3, 272, 272, dtype=torch.float64).float())
+    b = leaf(torch.randn(1, 3, 272, 272, dtype=torch.float64).float())
+    grad_out = torch.randn(1, 121, 272, 272)  # 34 MiB
+    out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, 11, backend="cpp"), (a, b),
                      grad_out)
-    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 9), (leaf(a), leaf(b)),
+    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 11), (leaf(a), leaf(b)),
                       grad_out)
     assert_close(out, ref)
     for mine, theirs in zip(got, want):
