@@ -243,7 +243,7 @@ constexpr int PIXEL_BLOCK = 8;
 // every channel's neighbour into that channel's sum, one register each:
 //   dst[c][p] (+)= sum_k G[k][p] inv[p + d_k] other[c][p + d_k]
 // (no weight buffers, no pass over the weights per channel chunk). The
-// shift needs no read of `out` (pixel_shift). G, inv and other point at the
+// shift needs no read of `out` (finish_pixel_gradient). G, inv and other point at the
 // vector: G the offsets' weights g_stride apart, inv and other at the
 // window's first offset in staged rows.
 template <int CHANNELS, int DIL, typename acc_t>
@@ -352,29 +352,6 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
   });
 }
 
-// The scale and shift of a gradient from its sums S = dst of every channel,
-// without the volume: grad = inv S - pass inv^2 c own with
-// c = sum_k g out = inv <own, S> (out = inv_own inv_other <own, other>), so
-// shift = pass inv^3 <own, S>; 0 in raw mode (pass = 0).
-template <typename acc_t>
-STCCL_ALWAYS_INLINE void pixel_shift(const Layout<acc_t>& L, int64_t rows, const acc_t* own,
-                                     const acc_t* inv_own, const acc_t* pass_own,
-                                     const acc_t* dst, acc_t* scale, acc_t* shift) {
-  using vec = typename Simd<acc_t>::vec;
-  constexpr int64_t V = Simd<acc_t>::lanes;
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    for (int64_t xb = 0; xb < L.Wv; xb += V) {
-      const int64_t at = rr * L.WB + xb, p = rr * L.Wv + xb;
-      vec dot{};
-      for (int64_t c = 0; c < L.C; ++c)
-        dot += load(own + c * L.stage_cstride + at) * load(dst + c * L.dst_cstride + p);
-      const vec inv = load(inv_own + at);
-      store(scale + p, inv);
-      store(shift + p, load(pass_own + at) * inv * inv * inv * dot);
-    }
-  }
-}
-
 // Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
 // converted to scalar_t through the buffer when it is not acc_t; with
 // L.single_gradient_run the chunk's channels, one after the other in grad, are
@@ -402,6 +379,38 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
                 count * elements * int64_t(sizeof(scalar_t)));
 }
 
+// The end of a pixel-gathered gradient, from its sums S (ws.dst, every
+// channel): scale and shift without the volume, grad = inv S - pass inv^2 c
+// own with c = sum_k g out = inv <own, S> (out = inv_own inv_other <own,
+// other>), so shift = pass inv^3 <own, S>, 0 in raw mode (pass = 0); then the
+// runs (finish_chunk) and grad image n's band (write_gradient).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, int64_t n, int64_t y0,
+                                               int64_t rows, const StagedBand<acc_t>& own_band,
+                                               BackwardWorkspace<acc_t>& ws, scalar_t* grad) {
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t at0 = L.own_offset();
+  const acc_t* own = own_band.stage.data() + at0;
+  const acc_t* dst = ws.dst.data();
+  acc_t* scale = ws.scale_a.data();
+  acc_t* shift = ws.shift_a.data();
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t xb = 0; xb < L.Wv; xb += V) {
+      const int64_t at = rr * L.WB + xb, p = rr * L.Wv + xb;
+      vec dot{};
+      for (int64_t c = 0; c < L.C; ++c)
+        dot += load(own + c * L.stage_cstride + at) * load(dst + c * L.dst_cstride + p);
+      const vec inv = load(own_band.inv.data() + at0 + at);
+      store(scale + p, inv);
+      store(shift + p, load(own_band.pass.data() + at0 + at) * inv * inv * inv * dot);
+    }
+  }
+  finish_chunk(L, rows, L.C, dst,
+               {scale, shift, own, L.stage_cstride, ws.runs.data(), L.run_cstride});
+  write_gradient(L, n, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), grad);
+}
+
 // One band of the backward pass: both gradients (or the self-correlation's)
 // from one pass. The band's rows of a and b (with the halo) are read from
 // memory once for the norms and found in cache by the channel loop, which
@@ -427,18 +436,12 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     halo_norms(args.b, args.normalize, args.eps, L, n, y0, rows_b, b_stage, B.inv.data(),
                B.pass.data());
   if (L.pixel_gather) {
-    // Each gradient: its sums, then scale and shift from them, then the runs.
+    // Each gradient: its sums, then scale, shift and the runs from them.
     auto gradient = [&](GradMode mode, const StagedBand<acc_t>& own,
                         const StagedBand<acc_t>& other, scalar_t* grad) STCCL_LAMBDA_INLINE {
-      const int64_t at = L.own_offset();
       pixel_gather_term(L, args.grad_out, mode, n, y0, rows, other.inv.data(),
                         other.stage.data(), ws.dst.data(), false, ws.g_tile.data());
-      pixel_shift(L, rows, own.stage.data() + at, own.inv.data() + at, own.pass.data() + at,
-                  ws.dst.data(), ws.scale_a.data(), ws.shift_a.data());
-      finish_chunk(L, rows, L.C, ws.dst.data(),
-                   {ws.scale_a.data(), ws.shift_a.data(), own.stage.data() + at,
-                    L.stage_cstride, ws.runs.data(), L.run_cstride});
-      write_gradient(L, n, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), grad);
+      finish_pixel_gradient(L, n, y0, rows, own, ws, grad);
     };
     if (args.grad_a) gradient(two ? GradMode::A : GradMode::Self, A, B, args.grad_a);
     if (args.grad_b) gradient(GradMode::B, B, A, args.grad_b);

@@ -185,7 +185,6 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
   acc_t* scale = ws.scale_a.data();
   if (L.pixel_gather) {
     // The terms' sums into one accumulator; the shift from their total.
-    const int64_t at = L.own_offset();
     bool accumulate = false;
     auto term = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
                     const StagedBand<acc_t>& other) STCCL_LAMBDA_INLINE {
@@ -205,13 +204,7 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
            stage_frame(image_view(args.v, m - s), args.normalize, args.eps, L, m - s, band, y0,
                        rows_b, ws.staged));
     if (!accumulate) std::fill_n(ws.dst.data(), L.C * L.dst_cstride, acc_t(0));  // in no pair
-    const acc_t* own_rows = own_band.stage.data() + at;
-    pixel_shift(L, rows, own_rows, own_band.inv.data() + at, own_band.pass.data() + at,
-                ws.dst.data(), scale, ws.shift_a.data());
-    finish_chunk(L, rows, L.C, ws.dst.data(),
-                 {scale, ws.shift_a.data(), own_rows, L.stage_cstride, ws.runs.data(),
-                  L.run_cstride});
-    write_gradient(L, m, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
+    finish_pixel_gradient(L, m, y0, rows, own_band, ws, args.grad);
     return;
   }
   auto weights = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
