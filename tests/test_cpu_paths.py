@@ -203,6 +203,34 @@ def test_large_results_on_huge_pages_match_the_reference():
         assert_close(mine, theirs, "grad")
 
 
+def test_freed_large_results_are_reused_and_written_whole():
+    """A freed result of 32 MiB or more is kept for the next result of its
+    size, with the values it held: poisoned with NaN here, every element of the
+    next output and gradients must come from the kernels."""
+    def inputs():
+        a = leaf(torch.randn(1, 130, 256, 256, dtype=torch.float64).float())  # 32.5 MiB
+        b = leaf(torch.randn(1, 130, 256, 256, dtype=torch.float64).float())
+        return a, b
+
+    def run(a, b):
+        out = stccl_ops.local_correlation(a, b, 5, dilation=2, backend="cpp")
+        return (out, *torch.autograd.grad(out, (a, b), torch.ones_like(out)))
+
+    first = run(*inputs())
+    pointers = sorted(t.data_ptr() for t in first[1:])
+    for result in first:
+        result.detach().fill_(float("nan"))
+    del first, result
+    a, b = inputs()
+    out, grad_a, grad_b = run(a, b)
+    assert sorted((grad_a.data_ptr(), grad_b.data_ptr())) == pointers
+    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 5, dilation=2),
+                      (leaf(a), leaf(b)), torch.ones_like(out))
+    assert_close(out, ref)
+    for mine, theirs in zip((grad_a, grad_b), want):
+        assert_close(mine, theirs, "grad")
+
+
 @pytest.fixture
 def cpu_layout(request):
     """The CPU kernels' band layout to force ("auto" unless parametrized)."""

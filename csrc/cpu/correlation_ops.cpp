@@ -11,7 +11,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -34,35 +37,87 @@ Operand<scalar_t> operand(const at::Tensor& t) {
   return {data, strides4(t), data + readable};
 }
 
-// A result of its own (output or gradient), for the kernels to write once.
-// Large ones ask the kernel for transparent huge pages (where the system
-// leaves that to madvise): a fresh allocation is faulted in page by page as
-// the kernels first write it, and with 4 KiB pages those faults, each
-// zeroing its page, cost more than the kernel on outputs of tens of MiB.
-// Only from HUGE_PAGE_RESULT_BYTES: a huge page is zeroed whole by the first
-// thread that touches it, which serialises the threads on results of a few
-// huge pages (measured in docs/benchmarks.md). The huge pages are faulted in
-// before the kernels run, a share of them per thread: the kernels' tasks
-// write every offset plane (or channel) of a band, so each huge page was
-// first touched by whichever thread came first while the others waited on it.
+// A result of its own (output or gradient), for the kernels to write once
+// (every element: a result may hold an earlier one's values, see below).
+//
+// Large ones (HUGE_PAGE_RESULT_BYTES and up) are what glibc serves with a
+// fresh mmap each time and unmaps at free: every call's result was faulted in
+// and zeroed by the operating system again, page by page as the kernels first
+// wrote it. With 4 KiB pages those faults cost more than the kernel (outputs
+// of tens of MiB); with huge pages the zeroing (clear_page) still took 40% of
+// the forward of a 49 MiB output on a 2-core VM. So these results are
+// allocated on huge-page boundaries, asked for transparent huge pages (where
+// the system leaves that to madvise) and faulted in before the kernels run, a
+// share of the huge pages per thread (the kernels' tasks write every offset
+// plane of a band, so each huge page was first touched by whichever thread
+// came first while the others waited on it); and when freed they are kept for
+// the next result of the same size (a training loop asks for the same sizes
+// every step), up to STCCL_RESULT_CACHE_MB MiB in all (default 1024; 0 keeps
+// none), past which they go back to the system.
 constexpr int64_t HUGE_PAGE_RESULT_BYTES = 32 << 20;
+constexpr size_t HUGE_PAGE = 2 << 20;
+
+class ResultCache {
+ public:
+  // Never destroyed: results may be freed while the process exits.
+  static ResultCache& instance() {
+    static ResultCache* cache = new ResultCache();
+    return *cache;
+  }
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto block = blocks_.find(bytes);
+    if (block == blocks_.end()) return nullptr;
+    void* data = block->second;
+    blocks_.erase(block);
+    cached_bytes_ -= bytes;
+    return data;
+  }
+  void give(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_bytes_ + bytes <= limit_bytes_) {
+        blocks_.emplace(bytes, data);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+ private:
+  ResultCache() {
+    const char* mib = std::getenv("STCCL_RESULT_CACHE_MB");
+    limit_bytes_ = size_t(mib != nullptr ? std::max(0L, std::atol(mib)) : 1024L) << 20;
+  }
+  std::mutex mutex_;
+  std::unordered_multimap<size_t, void*> blocks_;
+  size_t cached_bytes_ = 0, limit_bytes_ = 0;
+};
 
 at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(shape, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (int64_t(t.nbytes()) < HUGE_PAGE_RESULT_BYTES) return t;
-  constexpr uintptr_t HUGE_PAGE = 2 << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), last = end & ~(HUGE_PAGE - 1);
-  if (last <= first || madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE) != 0)
-    return t;
-  volatile char* pages = reinterpret_cast<char*>(first);
-  at::parallel_for(0, int64_t((last - first) / HUGE_PAGE), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t page = lo; page < hi; ++page) pages[page * HUGE_PAGE] = 0;
-  });
+  const int64_t bytes = c10::multiply_integers(shape) * options.dtype().itemsize();
+  if (bytes < HUGE_PAGE_RESULT_BYTES) return at::empty(shape, options);
+  const size_t block_bytes = (size_t(bytes) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  void* data = ResultCache::instance().take(block_bytes);
+  if (data == nullptr) {
+    data = std::aligned_alloc(HUGE_PAGE, block_bytes);
+    TORCH_CHECK(data != nullptr, "stccl_ops: out of memory allocating a result of ", bytes,
+                " bytes");
+    if (madvise(data, block_bytes, MADV_HUGEPAGE) == 0) {
+      volatile char* pages = static_cast<char*>(data);
+      at::parallel_for(0, int64_t(block_bytes / HUGE_PAGE), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t page = lo; page < hi; ++page) pages[page * HUGE_PAGE] = 0;
+      });
+    }
+  }
+  return at::from_blob(
+      data, shape, [block_bytes](void* block) { ResultCache::instance().give(block, block_bytes); },
+      options);
+#else
+  return at::empty(shape, options);
 #endif
-  return t;
 }
 
 // Whether every operand's images can be read flat (see Layout).
