@@ -322,7 +322,22 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
     for (int64_t rr = 0; rr < rows; ++rr) {
       for (int64_t x0 = 0; x0 < L.Wv; x0 += X) {
         const int64_t width = std::min(X, L.Wv - x0);
-        gradient_tile(grad_out, L, mode, n, y0 + rr, x0, width, tile, scratch);
+        // Mode A's weights are grad_out's rows at the pixel itself: read in
+        // place where they are acc_t, contiguous, and whole vectors of them
+        // lie in its storage (lanes past the row read the next row's values,
+        // which stay in lanes that are never written out); a copy into the
+        // tile took as long as the gather on few channels.
+        const acc_t* g = tile;
+        int64_t g_stride = width;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          const scalar_t* first = grad_out.row(n, 0, y0 + rr) + x0;
+          if (mode == GradMode::A && grad_out.strides.x == 1 &&
+              grad_out.end - (first + (L.KK - 1) * grad_out.strides.c) >= width) {
+            g = first;
+            g_stride = grad_out.strides.c;
+          }
+        }
+        if (g == tile) gradient_tile(grad_out, L, mode, n, y0 + rr, x0, width, tile, scratch);
         for (int64_t xb = 0; xb < width; xb += V) {
           const int64_t at = rr * L.WB + x0 + xb;
           // Channels in blocks of at most PIXEL_BLOCK, as equal as can be.
@@ -331,7 +346,7 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
           for (int64_t c0 = 0; c0 < L.C; c0 += size) {
             auto run = [&](auto channels) STCCL_LAMBDA_INLINE {
               gather_pixels<decltype(channels)::value, DIL>(
-                  tile + xb, width, other_inv + at, other + c0 * L.stage_cstride + at,
+                  g + xb, g_stride, other_inv + at, other + c0 * L.stage_cstride + at,
                   L.stage_cstride, L.K, L.row_step, L.dilation,
                   dst + c0 * L.dst_cstride + rr * L.Wv + x0 + xb, L.dst_cstride, accumulate);
             };
