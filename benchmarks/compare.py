@@ -95,8 +95,10 @@ def _rss_bytes(field):
 # freed memory resident and reuses it, which hides an op's allocations.) The
 # peak memory is measured in a child process started with them, since they
 # must hold from the first allocation and they change timings.
+# STCCL_RESULT_CACHE_MB=0 for the same reason: the CPU kernels keep freed
+# results of 32 MiB and more for the next call, which would hide them too.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-              "MALLOC_ARENA_MAX": "1", "MALLOC_TOP_PAD_": "0"}
+              "MALLOC_ARENA_MAX": "1", "MALLOC_TOP_PAD_": "0", "STCCL_RESULT_CACHE_MB": "0"}
 
 
 def measure_memory_in_child(device, threads, cases, backends):
