@@ -26,7 +26,8 @@ py::dict build_info() {
   info["openmp"] = false;
 #endif
   info["cpu_simd_paths"] = stccl::cpu::compiled_isas();
-  info["cpu_simd_path"] = stccl::cpu::active_isa();
+  info["cpu_simd_paths_runnable"] = stccl::cpu::runnable_isas();
+  info["cpu_simd_path"] = stccl::cpu::active_isa_name();
   info["torch_version"] = std::string(STCCL_TORCH_VERSION);
   return info;
 }
@@ -37,7 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "stccl_ops compiled kernels; the ops live in torch.ops.stccl_ops";
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("_set_cpu_isa", &stccl::cpu::set_isa,
-        "Force the CPU kernel path: 'auto', 'avx2' or 'generic' (for tests).");
+        "Force the CPU kernel path: 'auto', 'avx512', 'avx2' or 'generic' (for tests).");
   m.def("_set_cpu_layout", &stccl::cpu::set_layout,
         "Force the CPU kernels' band layout: 'auto', 'rows' or 'flat' (for tests).");
   m.def("_cpu_layout_is_flat", &stccl::cpu::flat_pays,

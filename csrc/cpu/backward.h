@@ -6,6 +6,7 @@
 #include "register_blocks.h"
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 // Per-thread scratch of the backward pass (rows are the band with its halo).
 template <typename acc_t>
@@ -491,6 +492,5 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   }
 }
 
-// Image n of an operand as an operand of its own (image index 0).
-
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

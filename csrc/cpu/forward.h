@@ -7,6 +7,7 @@
 #include "register_blocks.h"
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 // Per-thread scratch of the forward pass, allocated once per parallel range.
 template <typename acc_t>
@@ -34,7 +35,7 @@ struct ForwardArgs {
 // acc[rr][k] += the sums over one chunk of channels, for every offset k (a
 // self-correlation: those up to the centre) of the band's rows. a_rows: the
 // chunk's rows of a, b_stage: its staged rows of b with the halo.
-// ROW_PAIRS: the AVX2 build's row-pair kernel (see correlate_pair_block).
+// ROW_PAIRS: the native builds' row-pair kernel (see correlate_pair_block).
 template <bool ROW_PAIRS, typename acc_t>
 STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int64_t rows,
                                          int64_t count, const acc_t* a_rows, int64_t a_cstride,
@@ -42,7 +43,7 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, Wv = L.Wv, WB = L.WB, step = L.row_step;
   const int64_t r = K / 2, window_rows = self ? r + 1 : K;
-  using Blocks = std::conditional_t<ROW_PAIRS, Avx2Blocks, InlineBlocks>;
+  using Blocks = std::conditional_t<ROW_PAIRS, NativeBlocks, InlineBlocks>;
   if (L.flat) {
     // One row, the whole image: x outermost, so that the window rows of an x
     // vector read the same few lines of each channel while they are in L1
@@ -217,4 +218,5 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
                args.out + n * L.KK * L.H * L.W);
 }
 
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

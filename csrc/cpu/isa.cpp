@@ -3,48 +3,100 @@
 #include <atomic>
 
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 namespace stccl::cpu {
 namespace {
 
-bool cpu_has_avx2_fma() {
+bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::Generic: return true;
+    case Isa::Avx2: return avx2;
+    case Isa::Avx512:
+#if defined(__x86_64__)
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #else
+      return false;
+#endif
+  }
   return false;
+#else
+  return isa == Isa::Generic;
 #endif
 }
 
-std::atomic<bool> force_generic{false};
+constexpr Isa ALL_ISAS[] = {Isa::Avx512, Isa::Avx2, Isa::Generic};
+
+const char* name_of(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+bool compiled(Isa isa) {
+#if defined(__x86_64__)
+  return true;
+#elif defined(__i386__)
+  return isa != Isa::Avx512;
+#else
+  return isa == Isa::Generic;
+#endif
+}
+
+Isa best_isa() {
+  for (Isa isa : ALL_ISAS)
+    if (compiled(isa) && cpu_has(isa)) return isa;
+  return Isa::Generic;
+}
+
+// The build set_isa forced, or -1 for the best one.
+std::atomic<int> forced_isa{-1};
 std::atomic<LayoutChoice> forced_layout{LayoutChoice::Auto};
 
 }  // namespace
 
 std::vector<std::string> compiled_isas() {
-#if defined(__x86_64__) || defined(__i386__)
-  return {"avx2", "generic"};
-#else
-  return {"generic"};
-#endif
+  std::vector<std::string> names;
+  for (Isa isa : ALL_ISAS)
+    if (compiled(isa)) names.push_back(name_of(isa));
+  return names;
 }
 
-bool use_avx2() {
-  static const bool available = cpu_has_avx2_fma();
-  return available && !force_generic.load();
+std::vector<std::string> runnable_isas() {
+  std::vector<std::string> names;
+  for (Isa isa : ALL_ISAS)
+    if (compiled(isa) && cpu_has(isa)) names.push_back(name_of(isa));
+  return names;
 }
 
-std::string active_isa() { return use_avx2() ? "avx2" : "generic"; }
+Isa active_isa() {
+  static const Isa best = best_isa();
+  const int forced = forced_isa.load();
+  return forced < 0 ? best : static_cast<Isa>(forced);
+}
+
+std::string active_isa_name() { return name_of(active_isa()); }
 
 void set_isa(const std::string& name) {
-  if (name == "generic") {
-    force_generic = true;
-  } else if (name == "auto" || name == "avx2") {
-    TORCH_CHECK(name == "auto" || cpu_has_avx2_fma(),
-                "stccl_ops: this processor has no AVX2+FMA");
-    force_generic = false;
-  } else {
-    TORCH_CHECK(false, "stccl_ops: unknown CPU path '", name, "' (auto, avx2, generic)");
+  if (name == "auto") {
+    forced_isa = -1;
+    return;
   }
+  for (Isa isa : ALL_ISAS) {
+    if (name != name_of(isa) || !compiled(isa)) continue;
+    TORCH_CHECK(cpu_has(isa), "stccl_ops: this processor cannot run the '", name,
+                "' CPU path (it can run: ", c10::Join(", ", runnable_isas()), ")");
+    forced_isa = static_cast<int>(isa);
+    return;
+  }
+  TORCH_CHECK(false, "stccl_ops: unknown CPU path '", name, "' (auto, ",
+              c10::Join(", ", compiled_isas()), ")");
 }
 
 LayoutChoice layout_choice() { return forced_layout.load(); }

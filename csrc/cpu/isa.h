@@ -1,5 +1,7 @@
-// Which CPU kernel build runs: the AVX2+FMA one where the processor has both,
-// else the portable one. Chosen at run time, so one wheel serves every x86-64.
+// Which CPU kernel build runs: the AVX-512 one (64-byte vectors) where the
+// processor has AVX-512 F, VL, BW and DQ, else the AVX2+FMA one where it has
+// both, else the portable one. Chosen at run time, so one wheel serves every
+// x86-64.
 #pragma once
 
 #include <cstdint>
@@ -8,12 +10,17 @@
 
 namespace stccl::cpu {
 
+enum class Isa { Generic, Avx2, Avx512 };
+
+// The builds compiled in, and of those the ones this processor can run (by
+// name, best first).
 std::vector<std::string> compiled_isas();
-std::string active_isa();
-// "auto", "avx2" or "generic"; raises for an unknown name or an AVX2 request on
-// a processor without it.
+std::vector<std::string> runnable_isas();
+Isa active_isa();
+std::string active_isa_name();
+// "auto" or one of compiled_isas(); raises for an unknown name or a build this
+// processor cannot run.
 void set_isa(const std::string& name);
-bool use_avx2();
 
 // The layout of the CPU kernels' bands (see Layout in staging.h): chosen per
 // call by its rule (Auto), or forced (for tests; an operand that cannot be

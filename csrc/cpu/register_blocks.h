@@ -7,6 +7,7 @@
 #include "staging.h"
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 // acc[j] += sum over count channels of a * b[j * dil], for J offsets of one
 // window row; the J accumulators stay in registers across the channel loop.
@@ -36,9 +37,9 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
 // (row 1 lies dil rows below row 0, so its window row is one less): each b
 // vector is loaded once for both rows, 2 + J loads per 2J FMAs instead of
 // 2 + 2J, which lifts the loop off the load ports (half of the unaligned b
-// loads straddle two cache lines). Only for the AVX2 build: the empty asm
-// keeps the b vector in a ymm register, as GCC otherwise folds the load into
-// both FMAs; a 32-byte vector fits no register of the portable build.
+// loads straddle two cache lines). Only for the native builds: the empty asm
+// keeps the b vector in a register, as GCC otherwise folds the load into both
+// FMAs; a 32-byte vector fits no register of the portable build.
 template <int J, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, int64_t a_cstride,
                                               const acc_t* b, int64_t b_cstride, int64_t dil_rt,
@@ -58,7 +59,7 @@ STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, 
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) {
       vec bv = load(b + j * dil);
-      asm("" : "+x"(bv));
+      asm("" : STCCL_VECTOR_REGISTER(bv));
       sum0[j] += av0 * bv;
       sum1[j] += av1 * bv;
     }
@@ -71,7 +72,7 @@ STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, 
 }
 
 // The register blocks of correlate_chunk: inlined in the portable build, and
-// in the AVX2 build functions of their own. Inlined into the band loop there,
+// in the native builds functions of their own. Inlined into the band loop there,
 // they shared its registers, and GCC kept their loops' pointers and bounds on
 // the stack: a load, or a store-to-load chain, in every step of loops that are
 // bound by loads (docs/cpu_kernels.md has the measurement).
@@ -81,13 +82,13 @@ struct InlineBlocks {
     correlate_block<J, DIL>(args...);
   }
 };
-struct Avx2Blocks {
+struct NativeBlocks {
   template <int J, int DIL, typename... Args>
-  STCCL_AVX2_FUNCTION static void single(Args... args) {
+  STCCL_NATIVE_FUNCTION static void single(Args... args) {
     correlate_block<J, DIL>(args...);
   }
   template <int J, int DIL, typename... Args>
-  STCCL_AVX2_FUNCTION static void pair(Args... args) {
+  STCCL_NATIVE_FUNCTION static void pair(Args... args) {
     correlate_pair_block<J, DIL>(args...);
   }
 };
@@ -217,4 +218,5 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
     }                                               \
   } while (0)
 
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

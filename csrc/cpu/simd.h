@@ -1,7 +1,9 @@
 // SIMD vectors of the accumulation type, cache-line-aligned scratch buffers
 // and non-temporal stores: the primitives every CPU kernel is built from. The
-// kernels are written once as templates and compiled twice (an AVX2+FMA build
-// and a portable one, picked at run time; see cpu/correlation_ops.cpp).
+// kernels are written once as templates and compiled three times, picked at
+// run time (see isa.h): with 32-byte vectors as an AVX2+FMA build and a
+// portable one (passes_256.cpp), and with 64-byte vectors as an AVX-512 build
+// (passes_512.cpp, x86-64 only).
 #pragma once
 
 #include <algorithm>
@@ -16,19 +18,40 @@
 
 #include <c10/util/Half.h>
 
-#define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
-// For lambdas in the kernels: a lambda does not take the target("avx2,fma")
-// of the function it sits in, so only inlined does its code get AVX2.
-#define STCCL_LAMBDA_INLINE __attribute__((always_inline))
-// An AVX2+FMA function that is not inlined (see Avx2Blocks); nothing
-// instantiates one where the target does not exist.
-#if defined(__x86_64__) || defined(__i386__)
-#define STCCL_AVX2_FUNCTION __attribute__((target("avx2,fma"), noinline))
+// The vector width of this translation unit's kernels. Every kernel header
+// puts its code in an inline namespace named after it, so the two widths'
+// instances of the same templates are different functions.
+#ifndef STCCL_VECTOR_BYTES
+#define STCCL_VECTOR_BYTES 32
+#endif
+#if STCCL_VECTOR_BYTES == 64
+#define STCCL_VECTOR_NAMESPACE vec512
+// What a function of the native build is compiled for; "v": any of the 32
+// vector registers (the asm constraint of correlate_pair_block).
+#define STCCL_VECTOR_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"
+#define STCCL_VECTOR_REGISTER "+v"
+#elif STCCL_VECTOR_BYTES == 32
+#define STCCL_VECTOR_NAMESPACE vec256
+#define STCCL_VECTOR_TARGET "avx2,fma"
+#define STCCL_VECTOR_REGISTER "+x"
 #else
-#define STCCL_AVX2_FUNCTION __attribute__((noinline))
+#error "STCCL_VECTOR_BYTES must be 32 or 64"
+#endif
+
+#define STCCL_ALWAYS_INLINE inline __attribute__((always_inline))
+// For lambdas in the kernels: a lambda does not take the target of the
+// function it sits in, so only inlined does its code get the vector ISA.
+#define STCCL_LAMBDA_INLINE __attribute__((always_inline))
+// A function of the native build (AVX2+FMA or AVX-512) that is not inlined
+// (see NativeBlocks); nothing instantiates one where the target does not exist.
+#if defined(__x86_64__) || defined(__i386__)
+#define STCCL_NATIVE_FUNCTION __attribute__((target(STCCL_VECTOR_TARGET), noinline))
+#else
+#define STCCL_NATIVE_FUNCTION __attribute__((noinline))
 #endif
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 // Copies `bytes` from src to dst with non-temporal stores for the 16-byte
 // aligned part of dst: outputs and gradients are written once and not read
@@ -152,13 +175,13 @@ template <typename acc_t>
 struct Simd;
 template <>
 struct Simd<float> {
-  typedef float vec __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 8;
+  typedef float vec __attribute__((vector_size(STCCL_VECTOR_BYTES)));
+  static constexpr int64_t lanes = STCCL_VECTOR_BYTES / sizeof(float);
 };
 template <>
 struct Simd<double> {
-  typedef double vec __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 4;
+  typedef double vec __attribute__((vector_size(STCCL_VECTOR_BYTES)));
+  static constexpr int64_t lanes = STCCL_VECTOR_BYTES / sizeof(double);
 };
 
 template <typename acc_t>
@@ -173,4 +196,5 @@ STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

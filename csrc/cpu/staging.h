@@ -23,6 +23,7 @@
 #include "simd.h"
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 // A band holds enough rows that a channel's rows of it are one contiguous run
 // of about 1.75 KiB (ceil(448 / W) rows of floats), at least 4 and at most 16,
@@ -71,8 +72,10 @@ constexpr int64_t PREFETCH_CHANNELS = 8;
 // 1.78-2.44 with). Runs of 784 bytes (flat 14 x 14 images) still gain from it.
 constexpr int64_t PREFETCH_MAX_ROW_BYTES = 1024;
 // Offsets of one window row handled per register block; by the row-pair
-// kernel: 2 x 5 sums, two vectors of a and one of b, 13 of the 16 registers.
-constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = 5;
+// kernel: 2 x 5 sums, two vectors of a and one of b, 13 of AVX2's 16
+// registers; AVX-512 has 32, for 2 x 9 sums (a window row of up to 9
+// offsets in one block).
+constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
 
 // The channel stride of a staging buffer holding `elements` per channel: whole
 // cache lines, and an odd number of them. The inner loops walk the channels of
@@ -445,4 +448,5 @@ STCCL_ALWAYS_INLINE const acc_t* stage_chunk(const Operand<scalar_t>& v, const L
   return stage;
 }
 
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

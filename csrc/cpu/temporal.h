@@ -8,6 +8,7 @@
 #include "forward.h"
 
 namespace stccl::cpu {
+inline namespace STCCL_VECTOR_NAMESPACE {
 
 template <typename scalar_t>
 STCCL_ALWAYS_INLINE Operand<scalar_t> image_view(const Operand<scalar_t>& op, int64_t n) {
@@ -272,4 +273,5 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
   }
 }
 
+}  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu
