@@ -13,6 +13,9 @@ HAS_EXTENSION = stccl_ops.build_info()["extension"]
 HAS_CUDA_GPU = torch.cuda.is_available()
 HAS_CUDA_EMULATED = "cuda_emulated" in stccl_ops.available_backends("cpu")
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="stccl_ops._C is not built")
+# The CPU SIMD builds this processor runs, best first (avx512, avx2, generic).
+CPU_PATHS = (tuple(stccl_ops.build_info()["cpu_simd_paths_runnable"]) if HAS_EXTENSION
+             else ("generic",))
 
 
 def require_cuda_emulated():

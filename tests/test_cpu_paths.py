@@ -1,4 +1,4 @@
-"""CPU-specific checks: both SIMD builds, 64-bit offsets, threads, the build report."""
+"""CPU-specific checks: every SIMD build, 64-bit offsets, threads, the build report."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import stccl_ops
 from stccl_ops import _extension, reference
 
-from helpers import DTYPES, assert_close, grads, leaf, needs_extension
+from helpers import CPU_PATHS, DTYPES, assert_close, grads, leaf, needs_extension
 
 pytestmark = needs_extension
 
@@ -24,14 +24,17 @@ def test_build_info_reports_the_build():
     assert info["extension"] is True
     assert info["torch_version"] == torch.__version__
     assert "generic" in info["cpu_simd_paths"]
-    assert info["cpu_simd_path"] in info["cpu_simd_paths"]
+    runnable = info["cpu_simd_paths_runnable"]
+    assert set(runnable) <= set(info["cpu_simd_paths"]) and "generic" in runnable
+    assert info["cpu_simd_path"] == runnable[0]  # the best one this processor runs
     assert isinstance(info["openmp"], bool) and isinstance(info["cuda"], bool)
 
 
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K,dilation", [(3, 1), (5, 2), (11, 1)])
-def test_portable_path_matches_reference(cpu_path, dtype, K, dilation):
-    assert stccl_ops.build_info()["cpu_simd_path"] == "generic"
+def test_every_simd_build_matches_reference(request, cpu_path, dtype, K, dilation):
+    assert stccl_ops.build_info()["cpu_simd_path"] == request.node.callspec.params["cpu_path"]
     a = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
     b = leaf(torch.randn(2, 5, 7, 10, dtype=torch.float64).to(dtype))
     g = torch.randn(2, K * K, 7, 10, dtype=torch.float64).to(dtype)
@@ -51,6 +54,16 @@ def test_portable_path_matches_reference(cpu_path, dtype, K, dilation):
 def test_unknown_cpu_path_is_an_error():
     with pytest.raises(RuntimeError, match="unknown CPU path"):
         _extension._C._set_cpu_isa("sse9")
+
+
+def test_a_build_this_processor_cannot_run_is_refused():
+    info = stccl_ops.build_info()
+    missing = [isa for isa in info["cpu_simd_paths"] if isa not in info["cpu_simd_paths_runnable"]]
+    if not missing:
+        pytest.skip("this processor runs every compiled CPU build")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        _extension._C._set_cpu_isa(missing[0])
+    assert stccl_ops.build_info()["cpu_simd_path"] == info["cpu_simd_path"]
 
 
 def test_offsets_beyond_32_bits():
@@ -141,10 +154,10 @@ def test_temporal_passes_reuse_staged_frames_correctly(frame_stride, channels, K
     assert_close(got, want, "grad")
 
 
-@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 def test_temporal_passes_on_strided_clips(cpu_path):
     """Every other frame of a clip, channels last within each frame: the
-    temporal passes read frames in place, on both SIMD builds."""
+    temporal passes read frames in place, on every SIMD build."""
     base = torch.randn(2, 9, 11, 13, 5, dtype=torch.float64)
     v = leaf(base[:, ::2].permute(0, 1, 4, 2, 3))
     assert not v.is_contiguous()
@@ -165,7 +178,7 @@ OPS_AND_REFERENCES = {
 }
 
 
-@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["local", "self", "temporal"])
 @pytest.mark.parametrize("shape", [(3, 6, 7, 7), (2, 3, 4, 1100)],
@@ -279,13 +292,15 @@ LAYOUT_SHAPES = {
     "one-row": ((2, 6, 1, 13), 5, 1),
     "one-column": ((2, 6, 11, 1), 3, 2),
     "16x16-K9": ((1, 20, 16, 16), 9, 1),
+    "dilated-K5": ((2, 10, 13, 19), 5, 2),  # the row pairs (rr, rr + 2), one row unpaired
+    "dilation-3": ((1, 7, 11, 23), 5, 3),
     "tall-narrow": ((1, 6, 40, 5), 5, 1),
     "two-blocks": ((2, 12, 9, 21), 7, 1),  # the pixel gather's channels in blocks of 6
 }
 
 
 @pytest.mark.parametrize("cpu_layout", ["rows", "flat", "pixels"], indirect=True)
-@pytest.mark.parametrize("cpu_path", ["auto", "generic"], indirect=True)
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["local", "self", "temporal"])
 @pytest.mark.parametrize("shape", list(LAYOUT_SHAPES), ids=list(LAYOUT_SHAPES))

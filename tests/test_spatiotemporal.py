@@ -8,7 +8,8 @@ import torch
 import stccl_ops
 from stccl_ops import _extension, reference
 
-from helpers import DTYPES, HAS_CUDA_GPU, assert_close, leaf, needs_extension, require_cuda_emulated
+from helpers import (CPU_PATHS, DTYPES, HAS_CUDA_GPU, assert_close, leaf, needs_extension,
+                     require_cuda_emulated)
 
 BACKENDS = [
     pytest.param("cpp", id="cpp", marks=needs_extension),
@@ -186,7 +187,7 @@ def cpu_mode(request):
 
 
 @needs_extension
-@pytest.mark.parametrize("cpu_mode", [(isa, layout) for isa in ("auto", "generic")
+@pytest.mark.parametrize("cpu_mode", [(isa, layout) for isa in CPU_PATHS
                                       for layout in ("rows", "flat", "pixels")], indirect=True,
                          ids=lambda m: "-".join(m))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -176,7 +176,8 @@ STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int6
 // dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;
 // with `final` (positioned at the band's first row), the last term of a
 // gradient: the sums go on through the epilogue into its runs.
-template <typename acc_t>
+// ROW_PAIRS: the native builds' row-pair gather (see gather_pair_block).
+template <bool ROW_PAIRS, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
                                       const acc_t* w, const acc_t* other_stage, acc_t* dst,
                                       bool accumulate, const GradientEpilogue<acc_t>* final) {
@@ -221,12 +222,30 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
   if (!accumulate) std::fill_n(dst, count * L.dst_cstride, acc_t(0));
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
-      for (int64_t i = 0; i < K; ++i) {
+      // Rows in pairs (rr, rr + d), as the forward's: staged row rr + i * d
+      // serves window row i of rr and window row i - 1 of rr + d.
+      const bool pairs = ROW_PAIRS && !L.flat;
+      if (pairs && (rr / d) % 2 == 1) continue;  // the second row of a pair
+      const bool pair = pairs && rr + d < rows;
+      for (int64_t i = 0; i < K + (pair ? 1 : 0); ++i) {
+        const bool row0 = i < K, row1 = pair && i > 0;
         for (int64_t xb = 0; xb < Wv; xb += V) {
-          const acc_t* w_vec = w + (rr * KK + i * K) * Wv + xb;
+          const acc_t* w0 = w + (rr * KK + i * K) * Wv + xb;
+          const acc_t* w1 = w + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
           const acc_t* x_vec = other_stage + rr * WB + i * d * step + xb;
-          STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, w_vec + j0 * Wv, Wv, x_vec + j0 * d,
-                        L.stage_cstride, d, count, dst + rr * Wv + xb, L.dst_cstride);
+          acc_t* dst0 = dst + rr * Wv + xb;
+          acc_t* dst1 = dst + (rr + d) * Wv + xb;
+          if constexpr (ROW_PAIRS) {
+            if (row0 && row1) {
+              STCCL_BLOCKED(gather_pair_block, MAX_PAIR_GATHER_BLOCK, DIL, K, w0 + j0 * Wv,
+                            w1 + j0 * Wv, Wv, x_vec + j0 * d, L.stage_cstride, d, count, dst0,
+                            dst1, L.dst_cstride);
+              continue;
+            }
+          }
+          STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, (row0 ? w0 : w1) + j0 * Wv, Wv,
+                        x_vec + j0 * d, L.stage_cstride, d, count, row0 ? dst0 : dst1,
+                        L.dst_cstride);
         }
       }
     }
@@ -431,7 +450,7 @@ STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, int64_t n
 // from one pass. The band's rows of a and b (with the halo) are read from
 // memory once for the norms and found in cache by the channel loop, which
 // gathers per output pixel: no atomics.
-template <typename scalar_t, typename acc_t>
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args,
                                        const Layout<acc_t>& L, int64_t task,
                                        BackwardWorkspace<acc_t>& ws) {
@@ -482,7 +501,7 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
                         scalar_t* grad) STCCL_LAMBDA_INLINE {
       const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
                                           L.stage_cstride, ws.runs.data(), L.run_cstride};
-      gather_chunk(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
+      gather_chunk<ROW_PAIRS>(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
       write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
     };
     if (args.grad_a)

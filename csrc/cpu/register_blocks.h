@@ -117,6 +117,45 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
   }
 }
 
+// gather_block for two rows of sums that read the same staged row of x (as
+// correlate_pair_block: row 1 lies dil rows below row 0, so its window row is
+// one less): each x vector is loaded once for both rows' weights, J loads per
+// 2J FMAs instead of 2J (the single blocks' loop is bound by its loads). The
+// partial sums take the offsets in the order gather_block does. Only for the
+// native builds (see correlate_pair_block's asm).
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_pair_block(const acc_t* w0, const acc_t* w1, int64_t w_stride,
+                                           const acc_t* x, int64_t x_cstride, int64_t dil_rt,
+                                           int64_t count, acc_t* dst0, acc_t* dst1,
+                                           int64_t dst_cstride) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec wv0[J], wv1[J];
+#pragma GCC unroll 16
+  for (int j = 0; j < J; ++j) {
+    wv0[j] = load(w0 + j * w_stride);
+    wv1[j] = load(w1 + j * w_stride);
+  }
+  for (int64_t cc = 0; cc < count;
+       ++cc, x += x_cstride, dst0 += dst_cstride, dst1 += dst_cstride) {
+    vec s0 = load(dst0), s1 = vec{}, t0 = load(dst1), t1 = vec{};
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      vec xv = load(x + j * dil);
+      asm("" : STCCL_VECTOR_REGISTER(xv));
+      if (j % 2 == 0) {
+        s0 += wv0[j] * xv;
+        t0 += wv1[j] * xv;
+      } else {
+        s1 += wv0[j] * xv;
+        t1 += wv1[j] * xv;
+      }
+    }
+    store(dst0, s0 + s1);
+    store(dst1, t0 + t1);
+  }
+}
+
 // The last step of a gradient, grad[c][p] = scale_p * sum_p - shift_p * own[c][p]
 // with own from its staged rows, written to `runs`: a channel's rows of the
 // band one after the other (W apart), channels run_cstride apart. At one

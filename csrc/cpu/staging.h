@@ -76,6 +76,9 @@ constexpr int64_t PREFETCH_MAX_ROW_BYTES = 1024;
 // registers; AVX-512 has 32, for 2 x 9 sums (a window row of up to 9
 // offsets in one block).
 constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
+// By the backward's row-pair gather: 2 x J weights, four partial sums and
+// the x vector.
+constexpr int MAX_PAIR_GATHER_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
 
 // The channel stride of a staging buffer holding `elements` per channel: whole
 // cache lines, and an odd number of them. The inner loops walk the channels of

@@ -166,7 +166,7 @@ struct ClipBackwardWorkspace : BackwardWorkspace<acc_t> {
 // gradients, no second pass for the other volume). Tasks run frame by frame
 // within a band of a clip, so with s = 1 two of the three frames a task
 // needs were staged by the task before.
-template <typename scalar_t, typename acc_t>
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc_t>& args,
                                             const Layout<acc_t>& L, int64_t task,
                                             ClipBackwardWorkspace<acc_t>& ws) {
@@ -252,20 +252,20 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
                                         L.stage_cstride, ws.runs.data(), L.run_cstride};
     if (has_self) {
       const Layout<acc_t>& Ls = *args.spatial_layout;
-      gather_chunk(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset, ws.dst.data(), false,
-                   has_next || has_prev ? nullptr : &final);
+      gather_chunk<ROW_PAIRS>(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset,
+                              ws.dst.data(), false, has_next || has_prev ? nullptr : &final);
     }
     if (has_next) {
-      gather_chunk(L, rows, count, ws.w_a.data(),
-                   stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()) +
-                       L.inset,
-                   ws.dst.data(), has_self, has_prev ? nullptr : &final);
+      gather_chunk<ROW_PAIRS>(
+          L, rows, count, ws.w_a.data(),
+          stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()) + L.inset,
+          ws.dst.data(), has_self, has_prev ? nullptr : &final);
     }
     if (has_prev) {
-      gather_chunk(L, rows, count, ws.w_b.data(),
-                   stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()) +
-                       L.inset,
-                   ws.dst.data(), has_self || has_next, &final);
+      gather_chunk<ROW_PAIRS>(
+          L, rows, count, ws.w_b.data(),
+          stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()) + L.inset,
+          ws.dst.data(), has_self || has_next, &final);
     }
     if (!has_self && !has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
       std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));

@@ -43,14 +43,15 @@ bool flat_ok(int64_t H, int64_t W, std::initializer_list<const at::Tensor*> oper
 }
 
 // The band kernels: run<NATIVE> does one task (NATIVE: the native builds'
-// variant where a kernel has one, e.g. the forward's row pairs).
+// variant where a kernel has one, the row pairs of the forward and of the
+// backward's gather).
 struct ForwardBand {
   template <bool NATIVE, typename... Args>
   STCCL_ALWAYS_INLINE static void run(Args&... args) { forward_band<NATIVE>(args...); }
 };
 struct BackwardBand {
   template <bool NATIVE, typename... Args>
-  STCCL_ALWAYS_INLINE static void run(Args&... args) { backward_band(args...); }
+  STCCL_ALWAYS_INLINE static void run(Args&... args) { backward_band<NATIVE>(args...); }
 };
 struct ClipForwardBand {
   template <bool NATIVE, typename... Args>
@@ -58,7 +59,9 @@ struct ClipForwardBand {
 };
 struct ClipBackwardBand {
   template <bool NATIVE, typename... Args>
-  STCCL_ALWAYS_INLINE static void run(Args&... args) { clip_backward_band(args...); }
+  STCCL_ALWAYS_INLINE static void run(Args&... args) {
+    clip_backward_band<NATIVE>(args...);
+  }
 };
 
 // The ISA dispatch, once for every band kernel. The always-inline kernels take
