@@ -27,7 +27,7 @@ py::dict build_info() {
 #endif
   info["cpu_simd_paths"] = stccl::cpu::compiled_isas();
   info["cpu_simd_paths_runnable"] = stccl::cpu::runnable_isas();
-  info["cpu_simd_path"] = stccl::cpu::active_isa_name();
+  info["cpu_simd_path"] = stccl::cpu::isa_name(stccl::cpu::active_isa());
   info["torch_version"] = std::string(STCCL_TORCH_VERSION);
   return info;
 }
@@ -41,6 +41,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Force the CPU kernel path: 'auto', 'avx512', 'avx2' or 'generic' (for tests).");
   m.def("_set_cpu_layout", &stccl::cpu::set_layout,
         "Force the CPU kernels' band layout: 'auto', 'rows' or 'flat' (for tests).");
+  m.def("_cpu_isa_for_call",
+        [](int64_t W, int64_t acc_bytes) {
+          return stccl::cpu::isa_name(stccl::cpu::isa_for_call(W, acc_bytes));
+        },
+        "The CPU build that runs a call on images W wide, accumulating in acc_bytes.");
   m.def("_cpu_layout_is_flat", &stccl::cpu::flat_pays,
         "Whether the automatic rule lays out an (H, W) image flat, in the forward or backward.");
   m.def("_cpu_pixel_gather_pays", &stccl::cpu::pixel_gather_pays,

@@ -51,6 +51,25 @@ def test_every_simd_build_matches_reference(request, cpu_path, dtype, K, dilatio
     assert_close(gx, rx, "grad")
 
 
+def test_wide_vectors_rule_on_both_sides_of_its_threshold():
+    """With AVX-512, a call runs the 64-byte build unless its rows take more of
+    those vectors' lanes than of 32-byte ones (W mod 16 in 1..8 for float,
+    mod 8 in 1..4 for double), past the widths the flat layout takes."""
+    pick = _extension._C._cpu_isa_for_call
+    if "avx512" not in CPU_PATHS:
+        assert pick(56, 4) == pick(64, 4) == CPU_PATHS[0]
+        return
+    assert [pick(W, 4) for W in (16, 17, 24, 25, 32, 56, 57, 64)] == [
+        "avx512", "avx2", "avx2", "avx512", "avx512", "avx2", "avx512", "avx512"]
+    assert [pick(W, 8) for W in (56, 20, 44, 29)] == ["avx512", "avx2", "avx2", "avx512"]
+    assert pick(7, 4) == "avx512"  # flat
+    _extension._C._set_cpu_isa("avx512")
+    try:  # a forced build runs every call
+        assert pick(56, 4) == "avx512"
+    finally:
+        _extension._C._set_cpu_isa("auto")
+
+
 def test_unknown_cpu_path_is_an_error():
     with pytest.raises(RuntimeError, match="unknown CPU path"):
         _extension._C._set_cpu_isa("sse9")

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <tuple>
 #include <mutex>
 #include <unordered_map>
 
@@ -104,35 +105,33 @@ at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
 
 namespace {
 
-const Passes& active_passes() {
+// The passes of the build that runs a call on `operand` (images in its last
+// two dimensions), see isa_for_call.
+const Passes& passes_for(const at::Tensor& operand) {
 #if defined(__x86_64__)
-  if (active_isa() == Isa::Avx512) return passes<64>();
+  const int64_t acc_bytes = operand.scalar_type() == at::kDouble ? 8 : 4;
+  if (isa_for_call(operand.size(-1), acc_bytes) == Isa::Avx512) return passes<64>();
 #endif
   return passes<32>();
 }
 
+// Each entry point of the backend: the passes for its argument number
+// OPERAND (a, v, or for the backward a's image width), called with all of
+// them.
+#define STCCL_CPU_PASS(name, OPERAND)                                      \
+  template <typename... Args>                                              \
+  static auto name(const Args&... args) {                                  \
+    return passes_for(std::get<OPERAND>(std::tie(args...))).name(args...); \
+  }
 struct Cpu {
-  template <typename... Args>
-  static auto forward(const Args&... args) { return active_passes().forward(args...); }
-  template <typename... Args>
-  static auto temporal_forward(const Args&... args) {
-    return active_passes().temporal_forward(args...);
-  }
-  template <typename... Args>
-  static auto backward(const Args&... args) { return active_passes().backward(args...); }
-  template <typename... Args>
-  static auto temporal_backward(const Args&... args) {
-    return active_passes().temporal_backward(args...);
-  }
-  template <typename... Args>
-  static auto spatiotemporal_forward(const Args&... args) {
-    return active_passes().spatiotemporal_forward(args...);
-  }
-  template <typename... Args>
-  static auto spatiotemporal_backward(const Args&... args) {
-    return active_passes().spatiotemporal_backward(args...);
-  }
+  STCCL_CPU_PASS(forward, 0)
+  STCCL_CPU_PASS(temporal_forward, 0)
+  STCCL_CPU_PASS(backward, 1)
+  STCCL_CPU_PASS(temporal_backward, 1)
+  STCCL_CPU_PASS(spatiotemporal_forward, 0)
+  STCCL_CPU_PASS(spatiotemporal_backward, 2)
 };
+#undef STCCL_CPU_PASS
 
 }  // namespace
 

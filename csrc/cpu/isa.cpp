@@ -31,14 +31,6 @@ bool cpu_has(Isa isa) {
 
 constexpr Isa ALL_ISAS[] = {Isa::Avx512, Isa::Avx2, Isa::Generic};
 
-const char* name_of(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "generic";
-  }
-}
-
 bool compiled(Isa isa) {
 #if defined(__x86_64__)
   return true;
@@ -64,14 +56,14 @@ std::atomic<LayoutChoice> forced_layout{LayoutChoice::Auto};
 std::vector<std::string> compiled_isas() {
   std::vector<std::string> names;
   for (Isa isa : ALL_ISAS)
-    if (compiled(isa)) names.push_back(name_of(isa));
+    if (compiled(isa)) names.push_back(isa_name(isa));
   return names;
 }
 
 std::vector<std::string> runnable_isas() {
   std::vector<std::string> names;
   for (Isa isa : ALL_ISAS)
-    if (compiled(isa) && cpu_has(isa)) names.push_back(name_of(isa));
+    if (compiled(isa) && cpu_has(isa)) names.push_back(isa_name(isa));
   return names;
 }
 
@@ -81,7 +73,13 @@ Isa active_isa() {
   return forced < 0 ? best : static_cast<Isa>(forced);
 }
 
-std::string active_isa_name() { return name_of(active_isa()); }
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 void set_isa(const std::string& name) {
   if (name == "auto") {
@@ -89,7 +87,7 @@ void set_isa(const std::string& name) {
     return;
   }
   for (Isa isa : ALL_ISAS) {
-    if (name != name_of(isa) || !compiled(isa)) continue;
+    if (name != isa_name(isa) || !compiled(isa)) continue;
     TORCH_CHECK(cpu_has(isa), "stccl_ops: this processor cannot run the '", name,
                 "' CPU path (it can run: ", c10::Join(", ", runnable_isas()), ")");
     forced_isa = static_cast<int>(isa);
@@ -97,6 +95,17 @@ void set_isa(const std::string& name) {
   }
   TORCH_CHECK(false, "stccl_ops: unknown CPU path '", name, "' (auto, ",
               c10::Join(", ", compiled_isas()), ")");
+}
+
+bool wide_vectors_pay(int64_t W, int64_t lanes) {
+  const int64_t half = lanes / 2;
+  return W <= FLAT_MAX_W || (W + lanes - 1) / lanes * lanes == (W + half - 1) / half * half;
+}
+
+Isa isa_for_call(int64_t W, int64_t acc_bytes) {
+  const Isa isa = active_isa();
+  if (isa != Isa::Avx512 || forced_isa.load() >= 0) return isa;
+  return wide_vectors_pay(W, 64 / acc_bytes) ? Isa::Avx512 : Isa::Avx2;
 }
 
 LayoutChoice layout_choice() { return forced_layout.load(); }

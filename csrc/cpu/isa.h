@@ -17,10 +17,21 @@ enum class Isa { Generic, Avx2, Avx512 };
 std::vector<std::string> compiled_isas();
 std::vector<std::string> runnable_isas();
 Isa active_isa();
-std::string active_isa_name();
+std::string isa_name(Isa isa);
 // "auto" or one of compiled_isas(); raises for an unknown name or a build this
 // processor cannot run.
 void set_isa(const std::string& name);
+
+// The rule between the AVX-512 and AVX2 builds, measured in
+// docs/cpu_kernels.md: rows of W values are swept in whole vectors, of `lanes`
+// values with 64-byte vectors or lanes / 2 with 32-byte ones. Where the wide
+// ones take more lanes (W = 56 floats: 4 x 16 = 64 against 7 x 8 = 56), the
+// AVX2 build is faster (1.06-1.14x on S1, T1 and ST1); the flat layout's
+// images are one long row, and so are rows of up to FLAT_MAX_W that it takes.
+bool wide_vectors_pay(int64_t W, int64_t lanes);
+// The build that runs a call on images W wide whose accumulation type has
+// acc_bytes: the forced one, else the processor's best by the rule above.
+Isa isa_for_call(int64_t W, int64_t acc_bytes);
 
 // The layout of the CPU kernels' bands (see Layout in staging.h): chosen per
 // call by its rule (Auto), or forced (for tests; an operand that cannot be
