@@ -222,8 +222,8 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
   if (!accumulate) std::fill_n(dst, count * L.dst_cstride, acc_t(0));
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
-      // Rows in pairs (rr, rr + d), as the forward's: staged row rr + i * d
-      // serves window row i of rr and window row i - 1 of rr + d.
+      // Rows in pairs (rr, rr + d), as the forward groups them: staged row
+      // rr + i * d serves window row i of rr and window row i - 1 of rr + d.
       const bool pairs = ROW_PAIRS && !L.flat;
       if (pairs && (rr / d) % 2 == 1) continue;  // the second row of a pair
       const bool pair = pairs && rr + d < rows;

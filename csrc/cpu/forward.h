@@ -35,7 +35,8 @@ struct ForwardArgs {
 // acc[rr][k] += the sums over one chunk of channels, for every offset k (a
 // self-correlation: those up to the centre) of the band's rows. a_rows: the
 // chunk's rows of a, b_stage: its staged rows of b with the halo.
-// ROW_PAIRS: the native builds' row-pair kernel (see correlate_pair_block).
+// ROW_PAIRS: the native builds' kernel over groups of rows (see
+// correlate_rows_block).
 template <bool ROW_PAIRS, typename acc_t>
 STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int64_t rows,
                                          int64_t count, const acc_t* a_rows, int64_t a_cstride,
@@ -62,30 +63,36 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
   }
   if constexpr (ROW_PAIRS) {
     if (!self) {
-      // Rows in pairs (rr, rr + d): staged row rr + i * d of b serves
-      // window row i of rr and window row i - 1 of rr + d.
+      // Rows in groups (rr, rr + d, ..., rr + (ROW_GROUP - 1) d): staged row
+      // rr + i * d of b serves window row i - g of row rr + g d, for every g
+      // with 0 <= i - g < K.
+      const int64_t a_gstride = d * a_rstride, acc_gstride = (d * KK - K) * Wv;
       STCCL_WITH_DILATION(d, {
         for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)
         for (int64_t rr = 0; rr < rows; ++rr) {
-          if ((rr / d) % 2 == 1) continue;  // the second row of a pair
-          const bool pair = rr + d < rows;
-          for (int64_t i = 0; i <= K; ++i) {
-            const bool row0 = i < K, row1 = pair && i > 0;
-            if (!row0 && !row1) continue;
+          if ((rr / d) % ROW_GROUP != 0) continue;  // a later row of a group
+          const int64_t group = std::min<int64_t>(ROW_GROUP, (rows - rr + d - 1) / d);
+          for (int64_t i = 0; i < K + group - 1; ++i) {
+            const int64_t g_lo = std::max<int64_t>(0, i - K + 1), g_hi = std::min(group - 1, i);
             for (int64_t xb = x0; xb < std::min(Wv, x0 + L.x_tile); xb += V) {
-              const acc_t* a0 = a_rows + rr * a_rstride + xb;
-              const acc_t* a1 = a0 + d * a_rstride;
+              const acc_t* a_vec = a_rows + (rr + g_lo * d) * a_rstride + xb;
               const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
-              acc_t* acc0 = acc + (rr * KK + i * K) * Wv + xb;
-              acc_t* acc1 = acc + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
-              if (row0 && row1) {
-                STCCL_BLOCKED(Blocks::template pair, MAX_PAIR_BLOCK, DIL, K, a0, a1, a_cstride,
-                              b_vec + j0 * d, L.stage_cstride, d, count, acc0 + j0 * Wv,
-                              acc1 + j0 * Wv, Wv);
-              } else {
-                STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, K, row0 ? a0 : a1,
-                              a_cstride, b_vec + j0 * d, L.stage_cstride, d, count,
-                              (row0 ? acc0 : acc1) + j0 * Wv, Wv);
+              acc_t* acc_vec = acc + ((rr + g_lo * d) * KK + (i - g_lo) * K) * Wv + xb;
+              auto run = [&](auto group_rows) STCCL_LAMBDA_INLINE {
+                constexpr int R = decltype(group_rows)::value;
+                STCCL_BLOCKED(NativeBlocks::Rows<R>::template block, max_rows_block(R), DIL, K,
+                              a_vec, a_gstride, a_cstride, b_vec + j0 * d, L.stage_cstride, d,
+                              count, acc_vec + j0 * Wv, acc_gstride, Wv);
+              };
+              switch (g_hi - g_lo + 1) {
+                case 1:
+                  STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, K, a_vec, a_cstride,
+                                b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+                  break;
+                case 2: run(std::integral_constant<int, 2>{}); break;
+                default:
+                  if constexpr (ROW_GROUP >= 3) run(std::integral_constant<int, ROW_GROUP>{});
+                  break;
               }
             }
           }

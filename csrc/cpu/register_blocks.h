@@ -33,42 +33,44 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
   for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
 }
 
-// correlate_block for two output rows that read the same staged row of b
-// (row 1 lies dil rows below row 0, so its window row is one less): each b
-// vector is loaded once for both rows, 2 + J loads per 2J FMAs instead of
-// 2 + 2J, which lifts the loop off the load ports (half of the unaligned b
-// loads straddle two cache lines). Only for the native builds: the empty asm
-// keeps the b vector in a register, as GCC otherwise folds the load into both
-// FMAs; a 32-byte vector fits no register of the portable build.
-template <int J, int DIL, typename acc_t>
-STCCL_ALWAYS_INLINE void correlate_pair_block(const acc_t* a0, const acc_t* a1, int64_t a_cstride,
+// correlate_block for R output rows that read the same staged row of b (row
+// g lies g * dil rows below row 0, so its window row is g less; its a and
+// sums lie g * a_gstride and g * acc_gstride past row 0's): each b vector is
+// loaded once for all R rows, R + J loads per R * J FMAs instead of 2 per
+// FMA, which lifts the loop off the load ports (nearly every shifted b load
+// straddles two cache lines, with 64-byte vectors all but one in 16). Only for the
+// native builds: the empty asm keeps the b vector in a register, as GCC
+// otherwise folds the load into every FMA; a 32-byte vector fits no register
+// of the portable build.
+template <int R, int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_rows_block(const acc_t* a, int64_t a_gstride, int64_t a_cstride,
                                               const acc_t* b, int64_t b_cstride, int64_t dil_rt,
-                                              int64_t count, acc_t* acc0, acc_t* acc1,
+                                              int64_t count, acc_t* acc, int64_t acc_gstride,
                                               int64_t acc_stride) {
   using vec = typename Simd<acc_t>::vec;
   const int64_t dil = DIL > 0 ? DIL : dil_rt;
-  vec sum0[J], sum1[J];
+  vec sum[R][J];
+#pragma GCC unroll 4
+  for (int g = 0; g < R; ++g)
 #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j) {
-    sum0[j] = load(acc0 + j * acc_stride);
-    sum1[j] = load(acc1 + j * acc_stride);
-  }
-  for (const acc_t* const a_end = a0 + count * a_cstride; a0 != a_end;
-       a0 += a_cstride, a1 += a_cstride, b += b_cstride) {
-    const vec av0 = load(a0), av1 = load(a1);
+    for (int j = 0; j < J; ++j) sum[g][j] = load(acc + g * acc_gstride + j * acc_stride);
+  for (const acc_t* const a_end = a + count * a_cstride; a != a_end;
+       a += a_cstride, b += b_cstride) {
+    vec av[R];
+#pragma GCC unroll 4
+    for (int g = 0; g < R; ++g) av[g] = load(a + g * a_gstride);
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) {
       vec bv = load(b + j * dil);
       asm("" : STCCL_VECTOR_REGISTER(bv));
-      sum0[j] += av0 * bv;
-      sum1[j] += av1 * bv;
+#pragma GCC unroll 4
+      for (int g = 0; g < R; ++g) sum[g][j] += av[g] * bv;
     }
   }
+#pragma GCC unroll 4
+  for (int g = 0; g < R; ++g)
 #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j) {
-    store(acc0 + j * acc_stride, sum0[j]);
-    store(acc1 + j * acc_stride, sum1[j]);
-  }
+    for (int j = 0; j < J; ++j) store(acc + g * acc_gstride + j * acc_stride, sum[g][j]);
 }
 
 // The register blocks of correlate_chunk: inlined in the portable build, and
@@ -87,10 +89,14 @@ struct NativeBlocks {
   STCCL_NATIVE_FUNCTION static void single(Args... args) {
     correlate_block<J, DIL>(args...);
   }
-  template <int J, int DIL, typename... Args>
-  STCCL_NATIVE_FUNCTION static void pair(Args... args) {
-    correlate_pair_block<J, DIL>(args...);
-  }
+  // correlate_rows_block for R rows, as BLOCK<J, DIL> of STCCL_BLOCKED.
+  template <int R>
+  struct Rows {
+    template <int J, int DIL, typename... Args>
+    STCCL_NATIVE_FUNCTION static void block(Args... args) {
+      correlate_rows_block<R, J, DIL>(args...);
+    }
+  };
 };
 
 // dst[cc] += sum over J offsets of w[j] * x[cc][j * dil], for count channels;
@@ -118,11 +124,11 @@ STCCL_ALWAYS_INLINE void gather_block(const acc_t* w, int64_t w_stride, const ac
 }
 
 // gather_block for two rows of sums that read the same staged row of x (as
-// correlate_pair_block: row 1 lies dil rows below row 0, so its window row is
+// correlate_rows_block: row 1 lies dil rows below row 0, so its window row is
 // one less): each x vector is loaded once for both rows' weights, J loads per
 // 2J FMAs instead of 2J (the single blocks' loop is bound by its loads). The
 // partial sums take the offsets in the order gather_block does. Only for the
-// native builds (see correlate_pair_block's asm).
+// native builds (see correlate_rows_block's asm).
 template <int J, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_pair_block(const acc_t* w0, const acc_t* w1, int64_t w_stride,
                                            const acc_t* x, int64_t x_cstride, int64_t dil_rt,

@@ -27,7 +27,7 @@
 #if STCCL_VECTOR_BYTES == 64
 #define STCCL_VECTOR_NAMESPACE vec512
 // What a function of the native build is compiled for; "v": any of the 32
-// vector registers (the asm constraint of correlate_pair_block).
+// vector registers (the asm constraint of correlate_rows_block).
 #define STCCL_VECTOR_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"
 #define STCCL_VECTOR_REGISTER "+v"
 #elif STCCL_VECTOR_BYTES == 32

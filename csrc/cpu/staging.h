@@ -66,16 +66,23 @@ constexpr int64_t PIXEL_TILE_BYTES = 128 * 1024;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
-// Rows longer than this are not prefetched: the hardware prefetcher follows
+// Contiguous runs longer than this (a row, or a band's rows where they lie
+// one after the other) are not prefetched: the hardware prefetcher follows
 // them, and the prefetch loop had become a tenth of the backward's band time
 // on rows of 4 KiB (8 x 1024 maps: forward+backward 1.57-1.63 ms without it,
-// 1.78-2.44 with). Runs of 784 bytes (flat 14 x 14 images) still gain from it.
-constexpr int64_t PREFETCH_MAX_ROW_BYTES = 1024;
-// Offsets of one window row handled per register block; by the row-pair
-// kernel: 2 x 5 sums, two vectors of a and one of b, 13 of AVX2's 16
-// registers; AVX-512 has 32, for 2 x 9 sums (a window row of up to 9
-// offsets in one block).
-constexpr int MAX_BLOCK = 9, MAX_PAIR_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
+// 1.78-2.44 with) and a fifth of the S3 forward's band time on its bands of
+// 14 rows of 256 bytes (forward 4-6% faster without it on S1, S3, S4, T1).
+// Runs of 784 bytes (flat 14 x 14 images) still gain from it.
+constexpr int64_t PREFETCH_MAX_RUN_BYTES = 1024;
+// Offsets of one window row handled per register block. The forward takes
+// ROW_GROUP output rows at a time (see correlate_rows_block): with AVX2's 16
+// registers two (2 x 5 sums, two vectors of a and one of b: 13), with
+// AVX-512's 32 three (3 x 8 sums and four vectors: 28; two rows take a window
+// row of up to 9 offsets in one block).
+constexpr int MAX_BLOCK = 9, ROW_GROUP = STCCL_VECTOR_BYTES == 64 ? 3 : 2;
+constexpr int max_rows_block(int rows) {
+  return rows == 1 ? MAX_BLOCK : rows == 2 ? (STCCL_VECTOR_BYTES == 64 ? 9 : 5) : 8;
+}
 // By the backward's row-pair gather: 2 x J weights, four partial sums and
 // the x vector.
 constexpr int MAX_PAIR_GATHER_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
@@ -244,9 +251,9 @@ template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void prefetch_ahead(const Operand<scalar_t>& src, const Layout<acc_t>& L,
                                         int64_t c, const scalar_t* channel, int64_t y_first,
                                         int64_t rows) {
-  if (src.strides.x != 1 || c + PREFETCH_CHANNELS >= L.C ||
-      L.W * int64_t(sizeof(scalar_t)) > PREFETCH_MAX_ROW_BYTES)
-    return;
+  // The rows' longest contiguous run: all of them where they are adjacent.
+  const int64_t run = (src.strides.y == L.W ? rows : 1) * L.W * int64_t(sizeof(scalar_t));
+  if (src.strides.x != 1 || c + PREFETCH_CHANNELS >= L.C || run > PREFETCH_MAX_RUN_BYTES) return;
   const scalar_t* ahead = channel + PREFETCH_CHANNELS * src.strides.c;
   const int64_t y_lo = std::max<int64_t>(y_first, 0), y_hi = std::min(y_first + rows, L.H);
   for (int64_t y = y_lo; y < y_hi; ++y) {
