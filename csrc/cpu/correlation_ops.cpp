@@ -6,8 +6,8 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <tuple>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 
 #if defined(__linux__)
@@ -21,20 +21,20 @@
 namespace stccl::cpu {
 namespace {
 
-// Results (see passes.h): large ones (HUGE_PAGE_RESULT_BYTES and up) are what glibc serves with a
-// fresh mmap each time and unmaps at free: every call's result was faulted in
-// and zeroed by the operating system again, page by page as the kernels first
-// wrote it. With 4 KiB pages those faults cost more than the kernel (outputs
-// of tens of MiB); with huge pages the zeroing (clear_page) still took 40% of
-// the forward of a 49 MiB output on a 2-core VM. So these results are
-// allocated on huge-page boundaries, asked for transparent huge pages (where
-// the system leaves that to madvise) and faulted in before the kernels run, a
-// share of the huge pages per thread (the kernels' tasks write every offset
-// plane of a band, so each huge page was first touched by whichever thread
-// came first while the others waited on it); and when freed they are kept for
-// the next result of the same size (a training loop asks for the same sizes
-// every step), up to STCCL_RESULT_CACHE_MB MiB in all (default 1024; 0 keeps
-// none), past which they go back to the system.
+// Results (see passes.h): large ones (HUGE_PAGE_RESULT_BYTES and up) are what
+// glibc serves with a fresh mmap each time and unmaps at free: every call's
+// result was faulted in and zeroed by the operating system again, page by page
+// as the kernels first wrote it. With 4 KiB pages those faults cost more than
+// the kernel (outputs of tens of MiB); with huge pages the zeroing (clear_page)
+// still took 40% of the forward of a 49 MiB output on a 2-core VM. So these
+// results are allocated on huge-page boundaries, asked for transparent huge
+// pages (where the system leaves that to madvise) and faulted in before the
+// kernels run, a share of the huge pages per thread (the kernels' tasks write
+// every offset plane of a band, so each huge page was first touched by
+// whichever thread came first while the others waited on it); and when freed
+// they are kept for the next result of the same size (a training loop asks for
+// the same sizes every step), up to STCCL_RESULT_CACHE_MB MiB in all (default
+// 1024; 0 keeps none), past which they go back to the system.
 constexpr int64_t HUGE_PAGE_RESULT_BYTES = 32 << 20;
 constexpr size_t HUGE_PAGE = 2 << 20;
 

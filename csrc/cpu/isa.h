@@ -26,7 +26,7 @@ void set_isa(const std::string& name);
 // docs/cpu_kernels.md: rows of W values are swept in whole vectors, of `lanes`
 // values with 64-byte vectors or lanes / 2 with 32-byte ones. Where the wide
 // ones take more lanes (W = 56 floats: 4 x 16 = 64 against 7 x 8 = 56), the
-// AVX2 build is faster (1.06-1.14x on S1, T1 and ST1); the flat layout's
+// AVX2 build is faster (1.04-1.43x on the W = 56 cases); the flat layout's
 // images are one long row, and so are rows of up to FLAT_MAX_W that it takes.
 bool wide_vectors_pay(int64_t W, int64_t lanes);
 // The build that runs a call on images W wide whose accumulation type has

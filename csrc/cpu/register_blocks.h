@@ -37,11 +37,11 @@ STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, cons
 // g lies g * dil rows below row 0, so its window row is g less; its a and
 // sums lie g * a_gstride and g * acc_gstride past row 0's): each b vector is
 // loaded once for all R rows, R + J loads per R * J FMAs instead of 2 per
-// FMA, which lifts the loop off the load ports (nearly every shifted b load
-// straddles two cache lines, with 64-byte vectors all but one in 16). Only for the
-// native builds: the empty asm keeps the b vector in a register, as GCC
-// otherwise folds the load into every FMA; a 32-byte vector fits no register
-// of the portable build.
+// FMA, which lifts the loop off the load ports (shifted b loads straddle two
+// cache lines: half of them with 32-byte vectors, all but one in 16 with
+// 64-byte ones). Only for the native builds: the empty asm keeps the b vector
+// in a register, as GCC otherwise folds the load into every FMA; a 32-byte
+// vector fits no register of the portable build.
 template <int R, int J, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void correlate_rows_block(const acc_t* a, int64_t a_gstride, int64_t a_cstride,
                                               const acc_t* b, int64_t b_cstride, int64_t dil_rt,
