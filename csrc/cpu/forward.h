@@ -12,15 +12,18 @@ inline namespace STCCL_VECTOR_NAMESPACE {
 // Per-thread scratch of the forward pass, allocated once per parallel range.
 template <typename acc_t>
 struct Workspace {
-  Buffer<acc_t> a_stage, b_stage, acc;
-  Buffer<acc_t> inv_a, inv_b;  // sums of squares, then inverse norms in place
+  Buffer<acc_t> a_stage;
+  StagedRows<acc_t> b_stage;
+  Buffer<acc_t> acc;
+  Buffer<acc_t> inv_a;      // sums of squares, then inverse norms in place
+  StagedRows<acc_t> inv_b;  // the same, of b's staged rows
   Buffer<acc_t> out_rows;  // the output rows of a band (one offset's or all), in scalar_t
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.a_cstride),
-        b_stage(L.chunk * L.stage_cstride),
+        b_stage(L, L.chunk * L.stage_cstride),
         acc(L.band_rows * L.KK * L.Wv),
         inv_a(L.band_rows * L.Wv),
-        inv_b(L.rows_b * L.WB),
+        inv_b(L, L.rows_b * L.WB),
         out_rows(L.run_buffer(L.KK)) {}
 };
 

@@ -140,7 +140,8 @@ struct Layout {
   int64_t bands;    // bands per image
   int64_t Wv;       // W rounded up to whole vectors
   int64_t x_tile;   // the forward's inner loops take rows x_tile values at a time
-  int64_t WB;       // staged row width with the halo on both sides
+  int64_t WB;       // staged row width with the halo on both sides, whole vectors
+  int64_t stage_shift;  // where a staged-rows buffer's rows start (see StagedRows)
   int64_t rows_b;   // staged rows of a band with the halo
   int64_t chunk;    // channels per staged chunk
   int64_t a_cstride;      // channel stride of the forward's staged a: [band_rows][Wv]
@@ -190,7 +191,8 @@ struct Layout {
     }
     bands = (H + band_rows - 1) / band_rows;
     Wv = (W + V - 1) / V * V;
-    WB = Wv + 2 * pad_x;
+    WB = (Wv + 2 * pad_x + V - 1) / V * V;
+    stage_shift = (V - pad_x % V) % V;
     row_step = flat ? image_W : WB;
     rows_b = band_rows + 2 * pad_y;
     // The inner loops sweep one staged row (plus one row of a) per channel,
@@ -277,16 +279,35 @@ STCCL_ALWAYS_INLINE void prefetch_image(const Operand<scalar_t>& src, const Layo
   }
 }
 
-// One row of W values already in acc_t, contiguous, of CHANNELS channels
-// (s_cstride apart) to d (d_cstride apart), and their squares added to q
-// unless null, in whole vectors. The last vector reads past the row (the
-// caller checks that this memory exists) and zeroes those lanes, so d and q
-// receive zeros up to the next whole vector. A scalar tail costs more than the
-// vectors of a short row (W = 14: half the staging time). Two channels load
-// and store q once for both (the squares are added in channel order, as one
-// at a time would).
-template <int CHANNELS, typename acc_t>
-STCCL_ALWAYS_INLINE void stage_row_vectors(const acc_t* s, int64_t s_cstride, int64_t W,
+// V values of a contiguous row in acc_t: loaded as they are, or converted in
+// registers (bfloat16: the upper half of a float).
+template <typename acc_t, typename scalar_t>
+STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load_as(const scalar_t* p) {
+  using vec = typename Simd<acc_t>::vec;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return load(p);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>);
+    typedef uint16_t halves __attribute__((vector_size(STCCL_VECTOR_BYTES / 2)));
+    typedef uint32_t words __attribute__((vector_size(STCCL_VECTOR_BYTES)));
+    halves h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const words w = __builtin_convertvector(h, words) << 16;
+    vec v;
+    __builtin_memcpy(&v, &w, sizeof(v));
+    return v;
+  }
+}
+
+// One row of W values, contiguous, of CHANNELS channels (s_cstride apart) to
+// d (d_cstride apart) in acc_t, and their squares added to q unless null, in
+// whole vectors. The last vector reads past the row (the caller checks that
+// this memory exists) and zeroes those lanes, so d and q receive zeros up to
+// the next whole vector. A scalar tail costs more than the vectors of a short
+// row (W = 14: half the staging time). Two channels load and store q once for
+// both (the squares are added in channel order, as one at a time would).
+template <int CHANNELS, typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void stage_row_vectors(const scalar_t* s, int64_t s_cstride, int64_t W,
                                            acc_t* d, int64_t d_cstride, acc_t* q) {
   using vec = typename Simd<acc_t>::vec;
   using lanes_vec = decltype(vec{} < vec{});
@@ -294,7 +315,7 @@ STCCL_ALWAYS_INLINE void stage_row_vectors(const acc_t* s, int64_t s_cstride, in
   constexpr int64_t V = Simd<acc_t>::lanes;
   for (int64_t x = 0; x < W; x += V) {
     vec v[CHANNELS];
-    for (int c = 0; c < CHANNELS; ++c) v[c] = load(s + c * s_cstride + x);
+    for (int c = 0; c < CHANNELS; ++c) v[c] = load_as<acc_t>(s + c * s_cstride + x);
     if (x + V > W) {
       lanes_vec lane{};
       for (int i = 0; i < V; ++i) lane[i] = i;
@@ -339,13 +360,23 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
       }
       const scalar_t* s = channel + y * src.strides.y;
       if (sx == 1) {
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv) {
+        constexpr bool in_registers = std::is_same_v<scalar_t, acc_t> ||
+                                      std::is_same_v<scalar_t, c10::BFloat16>;
+        if (in_registers && src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv) {
+          if constexpr (in_registers) {
             if (channels == 2) stage_row_vectors<2>(s, sc, W, d, cstride, q);
             else stage_row_vectors<1>(s, sc, W, d, cstride, q);
+          }
+          continue;
+        }
+#if defined(__x86_64__)
+        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+          if (has_f16c()) {
+            for (int64_t c = 0; c < channels; ++c) f16c_to_float(s + c * sc, d + c * cstride, W, q);
             continue;
           }
         }
+#endif
         // Converted (or copied) into place, then the squares by the vector
         // pass over the staged rows.
         for (int64_t c = 0; c < channels; ++c) convert_row(s + c * sc, d + c * cstride, W);
@@ -395,20 +426,39 @@ STCCL_ALWAYS_INLINE void inverse_norms_in_place(const Layout<acc_t>& L, bool nor
   }
 }
 
+// A buffer of staged rows ([rows][WB] per channel, channels a multiple of
+// cache lines apart) or of their norms, its rows starting stage_shift
+// elements into line-aligned storage: each row's image values (from column
+// pad_x) then start on a vector boundary, and the staging's stores and the
+// sums of squares' loads and stores split no cache line (with a halo of 1,
+// every other one did: the staging loop took a third longer).
+template <typename acc_t>
+class StagedRows {
+ public:
+  StagedRows(const Layout<acc_t>& L, int64_t size)
+      : storage_(size + L.stage_shift), shift_(L.stage_shift) {}
+  acc_t* data() { return storage_.data() + shift_; }
+  const acc_t* data() const { return storage_.data() + shift_; }
+
+ private:
+  Buffer<acc_t> storage_;
+  int64_t shift_;
+};
+
 // One operand's band as halo_norms leaves it: the staged rows (all channels
 // when the layout stages whole bands, else scratch for one chunk) and the
 // inverse norms and clamp mask over the band with its halo. `image` and
 // `band` name what it holds, for the temporal passes' reuse.
 template <typename acc_t>
 struct StagedBand {
-  Buffer<acc_t> stage;      // [C or chunk] x stage_cstride
-  Buffer<acc_t> inv, pass;  // [rows_b][WB]
+  StagedRows<acc_t> stage;      // [C or chunk] x stage_cstride
+  StagedRows<acc_t> inv, pass;  // [rows_b][WB]
   int64_t image = -1, band = -1;
   uint64_t last_use = 0;
   explicit StagedBand(const Layout<acc_t>& L)
-      : stage((L.whole_stage ? L.C : L.chunk) * L.stage_cstride),
-        inv(L.rows_b * L.WB),
-        pass(inv.size()) {}
+      : stage(L, (L.whole_stage ? L.C : L.chunk) * L.stage_cstride),
+        inv(L, L.rows_b * L.WB),
+        pass(L, L.rows_b * L.WB) {}
 };
 
 // A thread's staged bands, each built (zeroed, up to 512 KiB of staged rows)
