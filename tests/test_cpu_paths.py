@@ -51,6 +51,23 @@ def test_every_simd_build_matches_reference(request, cpu_path, dtype, K, dilatio
     assert_close(gx, rx, "grad")
 
 
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [256, 100])
+def test_half_types_are_staged_exactly(cpu_path, dtype, width):
+    """The staging converts half types in registers with integer operations:
+    every bit pattern (subnormals, zeros of both signs, infinities, NaNs) must
+    come out as the value it is. Raw mode, K = 1, against ones: each output
+    is its input (a zero's sign aside: the sum that starts at +0 drops it)."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    rows = patterns.numel() // width
+    x = patterns[: rows * width].view(dtype).reshape(1, 1, rows, width)
+    out = stccl_ops.local_correlation(x, torch.ones_like(x), 1, normalize=False, backend="cpp")
+    assert torch.equal(out.isnan(), x.isnan())
+    numbers = ~x.isnan()
+    assert torch.equal(out[numbers], x[numbers])
+
+
 def test_wide_vectors_rule_on_both_sides_of_its_threshold():
     """With AVX-512, a call runs the 64-byte build unless its rows take more of
     those vectors' lanes than of 32-byte ones (W mod 16 in 1..8 for float,

@@ -87,22 +87,13 @@ inline bool has_f16c() {
   return yes;
 }
 
-// With `squares`, also squares[i] += d[i]^2 (the staging's sums for the
-// norms, in the same pass).
-__attribute__((target("avx,f16c"), noinline)) inline void f16c_to_float(
-    const c10::Half* s, float* d, int64_t n, float* squares = nullptr) {
+__attribute__((target("avx,f16c"), noinline)) inline void f16c_to_float(const c10::Half* s,
+                                                                       float* d, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    _mm256_storeu_ps(d + i, v);
-    if (squares != nullptr)
-      _mm256_storeu_ps(squares + i,
-                       _mm256_add_ps(_mm256_loadu_ps(squares + i), _mm256_mul_ps(v, v)));
-  }
-  for (; i < n; ++i) {
-    d[i] = _cvtsh_ss(s[i].x);
-    if (squares != nullptr) squares[i] += d[i] * d[i];
-  }
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) d[i] = _cvtsh_ss(s[i].x);
 }
 
 // d = (a * b) * c in float16; b and c may be null (then d = a).
