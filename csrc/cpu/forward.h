@@ -65,44 +65,61 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
     return;
   }
   if constexpr (ROW_PAIRS) {
-    if (!self) {
-      // Rows in groups (rr, rr + d, ..., rr + (ROW_GROUP - 1) d): staged row
-      // rr + i * d of b serves window row i - g of row rr + g d, for every g
-      // with 0 <= i - g < K.
-      const int64_t a_gstride = d * a_rstride, acc_gstride = (d * KK - K) * Wv;
-      STCCL_WITH_DILATION(d, {
-        for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          if ((rr / d) % ROW_GROUP != 0) continue;  // a later row of a group
-          const int64_t group = std::min<int64_t>(ROW_GROUP, (rows - rr + d - 1) / d);
-          for (int64_t i = 0; i < K + group - 1; ++i) {
-            const int64_t g_lo = std::max<int64_t>(0, i - K + 1), g_hi = std::min(group - 1, i);
-            for (int64_t xb = x0; xb < std::min(Wv, x0 + L.x_tile); xb += V) {
-              const acc_t* a_vec = a_rows + (rr + g_lo * d) * a_rstride + xb;
-              const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb;
-              acc_t* acc_vec = acc + ((rr + g_lo * d) * KK + (i - g_lo) * K) * Wv + xb;
+    // Rows in groups (rr, rr + d, ..., rr + (ROW_GROUP - 1) d): staged row
+    // rr + i * d of b serves window row i - g of row rr + g d, for every g
+    // with 0 <= i - g < window_rows. A self-correlation takes only the first
+    // r + 1 offsets of its centre window row r: where the group's first row
+    // reads that window row, the offsets past the centre are blocked over the
+    // other rows alone.
+    const int64_t a_gstride = d * a_rstride, acc_gstride = (d * KK - K) * Wv;
+    STCCL_WITH_DILATION(d, {
+      for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        if ((rr / d) % ROW_GROUP != 0) continue;  // a later row of a group
+        const int64_t group = std::min<int64_t>(ROW_GROUP, (rows - rr + d - 1) / d);
+        for (int64_t i = 0; i < window_rows + group - 1; ++i) {
+          const int64_t g_lo = std::max<int64_t>(0, i - window_rows + 1);
+          const int64_t g_hi = std::min(group - 1, i);
+          for (int64_t xb = x0; xb < std::min(Wv, x0 + L.x_tile); xb += V) {
+            // Rows g_first..g_last of the group, offsets [j_begin, j_end) of
+            // their window rows.
+            auto blocks = [&](int64_t g_first, int64_t g_last, int64_t j_begin,
+                              int64_t j_end) STCCL_LAMBDA_INLINE {
+              const acc_t* a_vec = a_rows + (rr + g_first * d) * a_rstride + xb;
+              const acc_t* b_vec = b_stage + rr * WB + i * d * step + xb + j_begin * d;
+              acc_t* acc_vec =
+                  acc + ((rr + g_first * d) * KK + (i - g_first) * K + j_begin) * Wv + xb;
+              const int64_t offsets = j_end - j_begin;
               auto run = [&](auto group_rows) STCCL_LAMBDA_INLINE {
                 constexpr int R = decltype(group_rows)::value;
-                STCCL_BLOCKED(NativeBlocks::Rows<R>::template block, max_rows_block(R), DIL, K,
-                              a_vec, a_gstride, a_cstride, b_vec + j0 * d, L.stage_cstride, d,
-                              count, acc_vec + j0 * Wv, acc_gstride, Wv);
+                STCCL_BLOCKED(NativeBlocks::Rows<R>::template block, max_rows_block(R), DIL,
+                              offsets, a_vec, a_gstride, a_cstride, b_vec + j0 * d,
+                              L.stage_cstride, d, count, acc_vec + j0 * Wv, acc_gstride, Wv);
               };
-              switch (g_hi - g_lo + 1) {
+              switch (g_last - g_first + 1) {
                 case 1:
-                  STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, K, a_vec, a_cstride,
-                                b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+                  STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, offsets, a_vec,
+                                a_cstride, b_vec + j0 * d, L.stage_cstride, d, count,
+                                acc_vec + j0 * Wv, Wv);
                   break;
                 case 2: run(std::integral_constant<int, 2>{}); break;
                 default:
                   if constexpr (ROW_GROUP >= 3) run(std::integral_constant<int, ROW_GROUP>{});
                   break;
               }
+            };
+            if (!self) {
+              blocks(g_lo, g_hi, 0, K);
+            } else {
+              const int64_t centre = i >= r ? 1 : 0;  // row g_lo reads window row r
+              blocks(g_lo, g_hi, 0, r + 1);
+              if (g_lo + centre <= g_hi) blocks(g_lo + centre, g_hi, r + 1, K);
             }
           }
         }
-      });
-      return;
-    }
+      }
+    });
+    return;
   }
   STCCL_WITH_DILATION(d, {
     for (int64_t x0 = 0; x0 < Wv; x0 += L.x_tile)

@@ -129,7 +129,10 @@ void mirror_self_correlation(scalar_t* out, int64_t N, int64_t H, int64_t W, con
         continue;
       }
       const scalar_t* src = out + ((n * KK + k) * H + ys) * W + dx;
-      for (int64_t x = 0; x < W; ++x) dst[x] = (x + dx >= 0 && x + dx < W) ? src[x] : scalar_t(0);
+      const int64_t x_lo = std::clamp<int64_t>(-dx, 0, W), x_hi = std::clamp<int64_t>(W - dx, x_lo, W);
+      std::fill_n(dst, x_lo, scalar_t(0));
+      std::copy(src + x_lo, src + x_hi, dst + x_lo);
+      std::fill(dst + x_hi, dst + W, scalar_t(0));
     }
   });
 }
