@@ -108,12 +108,11 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
                   break;
               }
             };
-            if (!self) {
+            if (!self || i < r) {  // (no row of the group reads window row r)
               blocks(g_lo, g_hi, 0, K);
-            } else {
-              const int64_t centre = i >= r ? 1 : 0;  // row g_lo reads window row r
+            } else {  // row g_lo reads window row r
               blocks(g_lo, g_hi, 0, r + 1);
-              if (g_lo + centre <= g_hi) blocks(g_lo + centre, g_hi, r + 1, K);
+              if (g_lo < g_hi) blocks(g_lo + 1, g_hi, r + 1, K);
             }
           }
         }
