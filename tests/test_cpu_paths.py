@@ -252,17 +252,22 @@ def test_large_results_on_huge_pages_match_the_reference():
         assert_close(mine, theirs, "grad")
 
 
-def test_freed_large_results_are_reused_and_written_whole():
-    """A freed result of 32 MiB or more is kept for the next result of its
+@pytest.mark.parametrize("shape, kernel_size, dilation", [
+    ((1, 130, 256, 256), 5, 2),  # 32.5 MiB gradients: huge pages
+    ((64, 256, 7, 7), 5, 1),     # 3 MiB gradients, 0.3 MiB output; flat layout
+    ((2, 37, 40, 33), 3, 1),     # 0.4 MiB gradients; the output (0.09 MiB) is not kept
+])
+def test_freed_results_are_reused_and_written_whole(shape, kernel_size, dilation):
+    """A freed result of 128 KiB or more is kept for the next result of its
     size, with the values it held: poisoned with NaN here, every element of the
     next output and gradients must come from the kernels."""
     def inputs():
-        a = leaf(torch.randn(1, 130, 256, 256, dtype=torch.float64).float())  # 32.5 MiB
-        b = leaf(torch.randn(1, 130, 256, 256, dtype=torch.float64).float())
+        a = leaf(torch.randn(shape, dtype=torch.float64).float())
+        b = leaf(torch.randn(shape, dtype=torch.float64).float())
         return a, b
 
     def run(a, b):
-        out = stccl_ops.local_correlation(a, b, 5, dilation=2, backend="cpp")
+        out = stccl_ops.local_correlation(a, b, kernel_size, dilation=dilation, backend="cpp")
         return (out, *torch.autograd.grad(out, (a, b), torch.ones_like(out)))
 
     first = run(*inputs())
@@ -273,8 +278,9 @@ def test_freed_large_results_are_reused_and_written_whole():
     a, b = inputs()
     out, grad_a, grad_b = run(a, b)
     assert sorted((grad_a.data_ptr(), grad_b.data_ptr())) == pointers
-    ref, want = grads(lambda p, q: reference.local_correlation(p, q, 5, dilation=2),
-                      (leaf(a), leaf(b)), torch.ones_like(out))
+    ref, want = grads(
+        lambda p, q: reference.local_correlation(p, q, kernel_size, dilation=dilation),
+        (leaf(a), leaf(b)), torch.ones_like(out))
     assert_close(out, ref)
     for mine, theirs in zip((grad_a, grad_b), want):
         assert_close(mine, theirs, "grad")

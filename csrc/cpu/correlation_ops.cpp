@@ -21,22 +21,26 @@
 namespace stccl::cpu {
 namespace {
 
-// Results (see passes.h): large ones (HUGE_PAGE_RESULT_BYTES and up) are what
-// glibc serves with a fresh mmap each time and unmaps at free: every call's
-// result was faulted in and zeroed by the operating system again, page by page
-// as the kernels first wrote it. With 4 KiB pages those faults cost more than
-// the kernel (outputs of tens of MiB); with huge pages the zeroing (clear_page)
-// still took 40% of the forward of a 49 MiB output on a 2-core VM. So these
-// results are allocated on huge-page boundaries, asked for transparent huge
-// pages (where the system leaves that to madvise) and faulted in before the
-// kernels run, a share of the huge pages per thread (the kernels' tasks write
-// every offset plane of a band, so each huge page was first touched by
-// whichever thread came first while the others waited on it); and when freed
-// they are kept for the next result of the same size (a training loop asks for
-// the same sizes every step), up to STCCL_RESULT_CACHE_MB MiB in all (default
-// 1024; 0 keeps none), past which they go back to the system.
-constexpr int64_t HUGE_PAGE_RESULT_BYTES = 32 << 20;
-constexpr size_t HUGE_PAGE = 2 << 20;
+// Results (see passes.h) of CACHED_RESULT_BYTES and more are kept when freed
+// for the next result of the same size (a training loop asks for the same
+// sizes every step), up to STCCL_RESULT_CACHE_MB MiB in all (default 1024; 0
+// keeps none), past which they go back to the system. glibc serves blocks
+// that large with a fresh mmap, or from the top of its heap, which it may give
+// back at free: then the next call's result is faulted in and zeroed by the
+// operating system again, page by page as the kernels first write it (S1's
+// forward+backward took 260 page faults a call, T1's 195, S1 in bfloat16
+// 131: 0.25-0.4 ms of system time; none with the cache).
+// Results of HUGE_PAGE_RESULT_BYTES and more go further: with 4 KiB pages the
+// faults of their first use cost more than the kernel (outputs of tens of
+// MiB) and with huge pages the zeroing (clear_page) still took 40% of the
+// forward of a 49 MiB output on a 2-core VM. So these results are allocated
+// on huge-page boundaries, asked for transparent huge pages (where the system
+// leaves that to madvise) and faulted in before the kernels run, a share of
+// the huge pages per thread (the kernels' tasks write every offset plane of a
+// band, so each huge page was first touched by whichever thread came first
+// while the others waited on it).
+constexpr int64_t CACHED_RESULT_BYTES = 128 << 10, HUGE_PAGE_RESULT_BYTES = 32 << 20;
+constexpr size_t PAGE = 4096, HUGE_PAGE = 2 << 20;
 
 class ResultCache {
  public:
@@ -81,14 +85,16 @@ class ResultCache {
 at::Tensor result(at::IntArrayRef shape, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = c10::multiply_integers(shape) * options.dtype().itemsize();
-  if (bytes < HUGE_PAGE_RESULT_BYTES) return at::empty(shape, options);
-  const size_t block_bytes = (size_t(bytes) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  if (bytes < CACHED_RESULT_BYTES) return at::empty(shape, options);
+  const bool huge = bytes >= HUGE_PAGE_RESULT_BYTES;
+  const size_t granule = huge ? HUGE_PAGE : PAGE;
+  const size_t block_bytes = (size_t(bytes) + granule - 1) / granule * granule;
   void* data = ResultCache::instance().take(block_bytes);
   if (data == nullptr) {
-    data = std::aligned_alloc(HUGE_PAGE, block_bytes);
+    data = std::aligned_alloc(granule, block_bytes);
     TORCH_CHECK(data != nullptr, "stccl_ops: out of memory allocating a result of ", bytes,
                 " bytes");
-    if (madvise(data, block_bytes, MADV_HUGEPAGE) == 0) {
+    if (huge && madvise(data, block_bytes, MADV_HUGEPAGE) == 0) {
       volatile char* pages = static_cast<char*>(data);
       at::parallel_for(0, int64_t(block_bytes / HUGE_PAGE), 1, [&](int64_t lo, int64_t hi) {
         for (int64_t page = lo; page < hi; ++page) pages[page * HUGE_PAGE] = 0;

@@ -18,6 +18,8 @@
 
 #include <c10/util/Half.h>
 
+#include "isa.h"
+
 // The vector width of this translation unit's kernels. Every kernel header
 // puts its code in an inline namespace named after it, so the two widths'
 // instances of the same templates are different functions.
@@ -52,6 +54,18 @@
 
 namespace stccl::cpu {
 inline namespace STCCL_VECTOR_NAMESPACE {
+
+// Whether this width's native build (the STCCL_VECTOR_TARGET code) runs on
+// this processor: always with 64-byte vectors (their passes are called only
+// where it does, see correlation_ops.cpp), with 32-byte ones where it has
+// AVX2 and FMA.
+inline bool native_build_runs() {
+#if defined(__x86_64__) || defined(__i386__)
+  return STCCL_VECTOR_BYTES == 64 || active_isa() != Isa::Generic;
+#else
+  return false;
+#endif
+}
 
 // Copies `bytes` from src to dst with non-temporal stores for the 16-byte
 // aligned part of dst: outputs and gradients are written once and not read

@@ -84,8 +84,8 @@ constexpr int max_rows_block(int rows) {
   return rows == 1 ? MAX_BLOCK : rows == 2 ? (STCCL_VECTOR_BYTES == 64 ? 9 : 5) : 8;
 }
 // By the backward's row-pair gather: 2 x J weights, four partial sums and
-// the x vector.
-constexpr int MAX_PAIR_GATHER_BLOCK = STCCL_VECTOR_BYTES == 64 ? 9 : 5;
+// the x vector, as many registers as the forward's two-row block.
+constexpr int MAX_PAIR_GATHER_BLOCK = max_rows_block(2);
 
 // The channel stride of a staging buffer holding `elements` per channel: whole
 // cache lines, and an odd number of them. The inner loops walk the channels of
@@ -280,8 +280,8 @@ STCCL_ALWAYS_INLINE void prefetch_image(const Operand<scalar_t>& src, const Layo
 }
 
 // V values of a contiguous row in acc_t: loaded as they are, or converted in
-// registers (bfloat16: the upper half of a float; float16 takes F16C, see
-// stage_half_row_vectors).
+// registers (bfloat16: the upper half of a float; the native builds convert
+// both half types in stage_half_row_vectors).
 template <typename acc_t, typename scalar_t>
 STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load_as(const scalar_t* p) {
   using vec = typename Simd<acc_t>::vec;
@@ -344,26 +344,40 @@ STCCL_ALWAYS_INLINE void stage_row_vectors(const scalar_t* s, int64_t s_cstride,
 }
 
 #if defined(__x86_64__)
-// stage_row_vectors for float16 rows, converted by F16C: a function of the
-// native builds (the intrinsics need their target). Converting with integer
-// operations instead, in any build, took the S1 float16 forward from 2.2 to
-// 3.2 ms: two dozen vector operations for one F16C instruction.
-template <int CHANNELS>
-STCCL_NATIVE_FUNCTION void stage_half_row_vectors(const c10::Half* s, int64_t s_cstride,
+// stage_row_vectors for float16 and bfloat16 rows, converted by the native
+// builds' instructions: F16C's vcvtph2ps, and bfloat16's zero extension
+// (one vpmovzxwd, where GCC splits load_as's generic conversion into four
+// instructions on half vectors: a fifth of the S1 bfloat16 forward's band
+// time) and shift. Converting float16 with integer operations instead, in
+// any build, took the S1 float16 forward from 2.2 to 3.2 ms: two dozen
+// vector operations for one F16C instruction.
+template <int CHANNELS, typename scalar_t>
+STCCL_NATIVE_FUNCTION void stage_half_row_vectors(const scalar_t* s, int64_t s_cstride,
                                                   int64_t W, float* d, int64_t d_cstride,
                                                   float* q) {
   constexpr int64_t V = Simd<float>::lanes;
   for (int64_t x = 0; x < W; x += V) {
     Simd<float>::vec v[CHANNELS];
     for (int c = 0; c < CHANNELS; ++c) {
-      const c10::Half* p = s + c * s_cstride + x;
+      const scalar_t* p = s + c * s_cstride + x;
 #if STCCL_VECTOR_BYTES == 64
-      // maskz with all lanes: _mm512_cvtph_ps's undefined source trips
+      // maskz with all lanes: the plain intrinsics' undefined sources trip
       // GCC 12's -Wmaybe-uninitialized.
-      v[c] = _mm512_maskz_cvtph_ps(__mmask16(0xffff),
-                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __mmask16 all = 0xffff;
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        v[c] = _mm512_maskz_cvtph_ps(all, halves);
+      } else {
+        v[c] = _mm512_castsi512_ps(
+            _mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, halves), 16));
+      }
 #else
-      v[c] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        v[c] = _mm256_cvtph_ps(halves);
+      } else {
+        v[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+      }
 #endif
     }
     store_staged<CHANNELS>(v, W - x, d + x, d_cstride, q != nullptr ? q + x : nullptr);
@@ -402,23 +416,24 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
       if (sx == 1) {
         const bool readable =
             src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv;
-        if constexpr (std::is_same_v<scalar_t, acc_t> ||
-                      std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (readable) {
+        if (readable) {
+#if defined(__x86_64__)
+          if constexpr (std::is_same_v<scalar_t, c10::Half> ||
+                        std::is_same_v<scalar_t, c10::BFloat16>) {
+            if (native_build_runs()) {
+              if (channels == 2) stage_half_row_vectors<2>(s, sc, W, d, cstride, q);
+              else stage_half_row_vectors<1>(s, sc, W, d, cstride, q);
+              continue;
+            }
+          }
+#endif
+          if constexpr (std::is_same_v<scalar_t, acc_t> ||
+                        std::is_same_v<scalar_t, c10::BFloat16>) {
             if (channels == 2) stage_row_vectors<2>(s, sc, W, d, cstride, q);
             else stage_row_vectors<1>(s, sc, W, d, cstride, q);
             continue;
           }
         }
-#if defined(__x86_64__)
-        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-          if (readable && (STCCL_VECTOR_BYTES == 64 || active_isa() != Isa::Generic)) {
-            if (channels == 2) stage_half_row_vectors<2>(s, sc, W, d, cstride, q);
-            else stage_half_row_vectors<1>(s, sc, W, d, cstride, q);
-            continue;
-          }
-        }
-#endif
         // Converted (or copied) into place, then the squares by the vector
         // pass over the staged rows.
         for (int64_t c = 0; c < channels; ++c) convert_row(s + c * sc, d + c * cstride, W);

@@ -89,7 +89,7 @@ auto pick_isa() {
   if constexpr (STCCL_VECTOR_BYTES == 64) {
     return &band_native<Band, Args, acc_t, WS>;
   } else {
-    if (active_isa() != Isa::Generic) return &band_native<Band, Args, acc_t, WS>;
+    if (native_build_runs()) return &band_native<Band, Args, acc_t, WS>;
     return &band_portable<Band, Args, acc_t, WS>;
   }
 #else
