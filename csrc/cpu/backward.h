@@ -18,7 +18,7 @@ struct BackwardWorkspace {
   Buffer<acc_t> runs;                         // [chunk] x run_cstride
   Buffer<acc_t> converted;  // gradient rows of a band (one channel's or a chunk's), in scalar_t
   Buffer<acc_t> volume_rows;  // [3][Wv]: rows of grad_out and out in acc_t
-  Buffer<acc_t> g_tile;       // the pixel gather's [2][K*K][x_tile] (see gradient_tile)
+  Buffer<acc_t> g_tile;       // the pixel gather's [2][K*K][x_tile] + x_tile (see gradient_tile)
   // other: the layout of a second window over the same bands (the clip's spatial one)
   explicit BackwardWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* other = nullptr)
       : staged(L),
@@ -29,8 +29,10 @@ struct BackwardWorkspace {
         runs(L.chunk * L.run_cstride),
         converted(L.run_buffer(L.chunk)),
         volume_rows(3 * L.Wv),
-        g_tile(L.pixel_gather ? 2 * std::max(L.KK * L.x_tile, other ? other->KK * other->x_tile : 0)
-                              : 0) {}
+        g_tile(L.pixel_gather
+                   ? std::max(L.KK * L.x_tile, other ? other->KK * other->x_tile : 0) * 2 +
+                         std::max(L.x_tile, other ? other->x_tile : 0)
+                   : 0) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -287,6 +289,77 @@ STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const a
   for (int c = 0; c < CHANNELS; ++c) store(dst + c * dst_cstride, sum[c]);
 }
 
+// Channels per register block of the pixel gather over a pair of rows: two
+// sums per channel (16 of AVX-512's 32 registers, 8 of AVX2's 16).
+constexpr int PIXEL_PAIR_BLOCK = STCCL_VECTOR_BYTES == 64 ? 8 : 4;
+
+// gather_pixels for two output rows d apart (the native builds': the empty
+// asm needs the vector in a register), as the forward's row groups:
+// staged row i * d of the first row's window is window row i of the first
+// (i < K) and window row i - 1 of the second (i > 0), so each neighbour
+// loaded serves both rows' sums (G0, G1: the rows' weights). The neighbour
+// loads bound the single row (with 16-lane vectors almost every one splits a
+// cache line); here there is one per two multiply-adds. Each sum takes the
+// same terms in the same order as gather_pixels.
+template <int CHANNELS, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_pixel_pair(const acc_t* G0, const acc_t* G1, int64_t g_stride,
+                                           const acc_t* inv, const acc_t* other,
+                                           int64_t cstride, int64_t K, int64_t step,
+                                           int64_t dil_rt, acc_t* dst0, acc_t* dst1,
+                                           int64_t dst_cstride, bool accumulate) {
+  using vec = typename Simd<acc_t>::vec;
+  const int64_t dil = DIL > 0 ? DIL : dil_rt;
+  vec sum0[CHANNELS], sum1[CHANNELS];
+#pragma GCC unroll 8
+  for (int c = 0; c < CHANNELS; ++c) {
+    sum0[c] = accumulate ? load(dst0 + c * dst_cstride) : vec{};
+    sum1[c] = accumulate ? load(dst1 + c * dst_cstride) : vec{};
+  }
+  // A staged row that one row's window alone reaches (the first's window row
+  // 0, the second's K - 1).
+  auto one_row = [&](const acc_t* G, vec(&sum)[CHANNELS]) STCCL_LAMBDA_INLINE {
+    for (int64_t j = 0; j < K; ++j, G += g_stride) {
+      const vec w = load(G) * load(inv + j * dil);
+#pragma GCC unroll 8
+      for (int c = 0; c < CHANNELS; ++c) sum[c] += w * load(other + c * cstride + j * dil);
+    }
+  };
+  one_row(G0, sum0);
+  for (int64_t i = 1; i < K; ++i) {
+    inv += dil * step;
+    other += dil * step;
+    const acc_t* g0 = G0 + i * K * g_stride;
+    const acc_t* g1 = G1 + (i - 1) * K * g_stride;
+    for (int64_t j = 0; j < K; ++j, g0 += g_stride, g1 += g_stride) {
+      const vec q = load(inv + j * dil);
+      const vec w0 = load(g0) * q, w1 = load(g1) * q;
+#pragma GCC unroll 8
+      for (int c = 0; c < CHANNELS; ++c) {
+        vec x = load(other + c * cstride + j * dil);
+        asm("" : STCCL_VECTOR_REGISTER(x));  // one load for both (GCC folds it into each FMA)
+        sum0[c] += w0 * x;
+        sum1[c] += w1 * x;
+      }
+    }
+  }
+  inv += dil * step;
+  other += dil * step;
+  one_row(G1 + (K - 1) * K * g_stride, sum1);
+#pragma GCC unroll 8
+  for (int c = 0; c < CHANNELS; ++c) {
+    store(dst0 + c * dst_cstride, sum0[c]);
+    store(dst1 + c * dst_cstride, sum1[c]);
+  }
+}
+
+// gather_pixel_pair as a function of the native build: its empty asm cannot
+// sit in a lambda, which does not take the target it is inlined into (see
+// NativeBlocks).
+template <int CHANNELS, int DIL, typename... Args>
+STCCL_NATIVE_FUNCTION void native_pixel_pair(Args... args) {
+  gather_pixel_pair<CHANNELS, DIL>(args...);
+}
+
 // G[k][x] = grad_out's weight of offset k at pixel (y, x0 + x), x < X, in
 // acc_t, zero where the term does not exist: mode A g[k] at the pixel; mode B
 // g[mirror(k)] at p + d_k (the output whose offset mirror(k) lands on p);
@@ -329,17 +402,22 @@ STCCL_ALWAYS_INLINE void gradient_tile(const Operand<scalar_t>& grad_out, const 
 // every channel, accumulating onto them or not): the other operand's staged
 // rows and inverse norms `other` and `other_inv` (at the window's reach, see
 // Layout::inset), grad_out's weights by gradient_tile. `tile`: 2 * K*K
-// * x_tile values of scratch.
-template <typename scalar_t, typename acc_t>
+// * x_tile + x_tile values of scratch (a tile per row of a pair, and a row).
+template <bool ROW_PAIRS, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand<scalar_t>& grad_out,
                                            GradMode mode, int64_t n, int64_t y0, int64_t rows,
                                            const acc_t* other_inv, const acc_t* other,
                                            acc_t* dst, bool accumulate, acc_t* tile) {
   constexpr int64_t V = Simd<acc_t>::lanes;
-  const int64_t X = L.x_tile;
-  acc_t* scratch = tile + L.KK * X;
-  STCCL_WITH_DILATION(L.dilation, {
+  const int64_t X = L.x_tile, d = L.dilation;
+  acc_t* scratch = tile + 2 * L.KK * X;
+  STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
+      // ROW_PAIRS: rows in pairs (rr, rr + d) where both are in the band
+      // (see gather_pixel_pair).
+      if (ROW_PAIRS && (rr / d) % 2 == 1) continue;  // the second row of a pair
+      const bool pair = ROW_PAIRS && rr + d < rows;
+      const int64_t last = pair ? rr + d : rr;
       for (int64_t x0 = 0; x0 < L.Wv; x0 += X) {
         const int64_t width = std::min(X, L.Wv - x0);
         // Mode A's weights are grad_out's rows at the pixel itself: read in
@@ -347,28 +425,45 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
         // lie in its storage (lanes past the row read the next row's values,
         // which stay in lanes that are never written out); a copy into the
         // tile took as long as the gather on few channels.
-        const acc_t* g = tile;
-        int64_t g_stride = width;
+        bool in_place = false;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          const scalar_t* first = grad_out.row(n, 0, y0 + rr) + x0;
-          if (mode == GradMode::A && grad_out.strides.x == 1 &&
-              grad_out.end - (first + (L.KK - 1) * grad_out.strides.c) >= width) {
-            g = first;
-            g_stride = grad_out.strides.c;
-          }
+          in_place = mode == GradMode::A && grad_out.strides.x == 1 &&
+                     grad_out.end - (grad_out.row(n, L.KK - 1, y0 + last) + x0) >= width;
         }
-        if (g == tile) gradient_tile(grad_out, L, mode, n, y0 + rr, x0, width, tile, scratch);
+        const int64_t g_stride = in_place ? grad_out.strides.c : width;
+        // Row rr's weights from x0: in place, or its tile in `buffer`.
+        auto weights = [&](int64_t row, acc_t* buffer) STCCL_LAMBDA_INLINE {
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (in_place) return grad_out.row(n, 0, y0 + row) + x0;
+          }
+          gradient_tile(grad_out, L, mode, n, y0 + row, x0, width, buffer, scratch);
+          return static_cast<const acc_t*>(buffer);
+        };
+        const acc_t* g0 = weights(rr, tile);
+        const acc_t* g1 = pair ? weights(rr + d, tile + L.KK * X) : nullptr;
+        // Channels in blocks of at most PIXEL_BLOCK (a pair: PIXEL_PAIR_BLOCK),
+        // as equal as can be.
+        const int64_t max_block = pair ? PIXEL_PAIR_BLOCK : PIXEL_BLOCK;
+        const int64_t blocks = (L.C + max_block - 1) / max_block;
+        const int64_t size = (L.C + blocks - 1) / blocks;
         for (int64_t xb = 0; xb < width; xb += V) {
           const int64_t at = rr * L.WB + x0 + xb;
-          // Channels in blocks of at most PIXEL_BLOCK, as equal as can be.
-          const int64_t blocks = (L.C + PIXEL_BLOCK - 1) / PIXEL_BLOCK;
-          const int64_t size = (L.C + blocks - 1) / blocks;
           for (int64_t c0 = 0; c0 < L.C; c0 += size) {
+            acc_t* dst0 = dst + c0 * L.dst_cstride + rr * L.Wv + x0 + xb;
             auto run = [&](auto channels) STCCL_LAMBDA_INLINE {
-              gather_pixels<decltype(channels)::value, DIL>(
-                  g + xb, g_stride, other_inv + at, other + c0 * L.stage_cstride + at,
-                  L.stage_cstride, L.K, L.row_step, L.dilation,
-                  dst + c0 * L.dst_cstride + rr * L.Wv + x0 + xb, L.dst_cstride, accumulate);
+              constexpr int CHANNELS = decltype(channels)::value;
+              if constexpr (ROW_PAIRS && CHANNELS <= PIXEL_PAIR_BLOCK) {
+                if (pair) {
+                  native_pixel_pair<CHANNELS, DIL>(
+                      g0 + xb, g1 + xb, g_stride, other_inv + at,
+                      other + c0 * L.stage_cstride + at, L.stage_cstride, L.K, L.row_step, d,
+                      dst0, dst0 + d * L.Wv, L.dst_cstride, accumulate);
+                  return;
+                }
+              }
+              gather_pixels<CHANNELS, DIL>(g0 + xb, g_stride, other_inv + at,
+                                           other + c0 * L.stage_cstride + at, L.stage_cstride,
+                                           L.K, L.row_step, d, dst0, L.dst_cstride, accumulate);
             };
             switch (std::min(size, L.C - c0)) {
               case 1: run(std::integral_constant<int, 1>{}); break;
@@ -474,8 +569,8 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     // Each gradient: its sums, then scale, shift and the runs from them.
     auto gradient = [&](GradMode mode, const StagedBand<acc_t>& own,
                         const StagedBand<acc_t>& other, scalar_t* grad) STCCL_LAMBDA_INLINE {
-      pixel_gather_term(L, args.grad_out, mode, n, y0, rows, other.inv.data(),
-                        other.stage.data(), ws.dst.data(), false, ws.g_tile.data());
+      pixel_gather_term<ROW_PAIRS>(L, args.grad_out, mode, n, y0, rows, other.inv.data(),
+                                   other.stage.data(), ws.dst.data(), false, ws.g_tile.data());
       finish_pixel_gradient(L, n, y0, rows, own, ws, grad);
     };
     if (args.grad_a) gradient(two ? GradMode::A : GradMode::Self, A, B, args.grad_a);

@@ -189,9 +189,9 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
     bool accumulate = false;
     auto term = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
                     const StagedBand<acc_t>& other) STCCL_LAMBDA_INLINE {
-      pixel_gather_term(Lw, grad_out, mode, 0, y0, rows, other.inv.data() + Lw.inset,
-                        other.stage.data() + Lw.inset, ws.dst.data(), accumulate,
-                        ws.g_tile.data());
+      pixel_gather_term<ROW_PAIRS>(Lw, grad_out, mode, 0, y0, rows,
+                                   other.inv.data() + Lw.inset, other.stage.data() + Lw.inset,
+                                   ws.dst.data(), accumulate, ws.g_tile.data());
       accumulate = true;
     };
     if (has_self)
