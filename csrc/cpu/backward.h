@@ -268,6 +268,19 @@ constexpr int PIXEL_BLOCK = 8;
 // shift needs no read of `out` (finish_pixel_gradient). G, inv and other point at the
 // vector: G the offsets' weights g_stride apart, inv and other at the
 // window's first offset in staged rows.
+// sum[c] += the terms of one window row (K offsets, weights G g_stride apart)
+// for CHANNELS channels: the pixel gather's inner loop.
+template <int CHANNELS, typename acc_t>
+STCCL_ALWAYS_INLINE void gather_window_row(const acc_t* G, int64_t g_stride, const acc_t* inv,
+                                           const acc_t* other, int64_t cstride, int64_t K,
+                                           int64_t dil, typename Simd<acc_t>::vec (&sum)[CHANNELS]) {
+  for (int64_t j = 0; j < K; ++j, G += g_stride) {
+    const auto w = load(G) * load(inv + j * dil);
+#pragma GCC unroll 8
+    for (int c = 0; c < CHANNELS; ++c) sum[c] += w * load(other + c * cstride + j * dil);
+  }
+}
+
 template <int CHANNELS, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const acc_t* inv,
                                        const acc_t* other, int64_t cstride, int64_t K,
@@ -278,13 +291,8 @@ STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const a
   vec sum[CHANNELS];
 #pragma GCC unroll 8
   for (int c = 0; c < CHANNELS; ++c) sum[c] = accumulate ? load(dst + c * dst_cstride) : vec{};
-  for (int64_t i = 0; i < K; ++i, inv += dil * step, other += dil * step) {
-    for (int64_t j = 0; j < K; ++j, G += g_stride) {
-      const vec w = load(G) * load(inv + j * dil);
-#pragma GCC unroll 8
-      for (int c = 0; c < CHANNELS; ++c) sum[c] += w * load(other + c * cstride + j * dil);
-    }
-  }
+  for (int64_t i = 0; i < K; ++i, inv += dil * step, other += dil * step, G += K * g_stride)
+    gather_window_row(G, g_stride, inv, other, cstride, K, dil, sum);
 #pragma GCC unroll 8
   for (int c = 0; c < CHANNELS; ++c) store(dst + c * dst_cstride, sum[c]);
 }
@@ -315,16 +323,9 @@ STCCL_ALWAYS_INLINE void gather_pixel_pair(const acc_t* G0, const acc_t* G1, int
     sum0[c] = accumulate ? load(dst0 + c * dst_cstride) : vec{};
     sum1[c] = accumulate ? load(dst1 + c * dst_cstride) : vec{};
   }
-  // A staged row that one row's window alone reaches (the first's window row
-  // 0, the second's K - 1).
-  auto one_row = [&](const acc_t* G, vec(&sum)[CHANNELS]) STCCL_LAMBDA_INLINE {
-    for (int64_t j = 0; j < K; ++j, G += g_stride) {
-      const vec w = load(G) * load(inv + j * dil);
-#pragma GCC unroll 8
-      for (int c = 0; c < CHANNELS; ++c) sum[c] += w * load(other + c * cstride + j * dil);
-    }
-  };
-  one_row(G0, sum0);
+  // Staged rows 0 and K * d: one row's window alone reaches them (the first's
+  // window row 0, the second's K - 1).
+  gather_window_row(G0, g_stride, inv, other, cstride, K, dil, sum0);
   for (int64_t i = 1; i < K; ++i) {
     inv += dil * step;
     other += dil * step;
@@ -344,7 +345,7 @@ STCCL_ALWAYS_INLINE void gather_pixel_pair(const acc_t* G0, const acc_t* G1, int
   }
   inv += dil * step;
   other += dil * step;
-  one_row(G1 + (K - 1) * K * g_stride, sum1);
+  gather_window_row(G1 + (K - 1) * K * g_stride, g_stride, inv, other, cstride, K, dil, sum1);
 #pragma GCC unroll 8
   for (int c = 0; c < CHANNELS; ++c) {
     store(dst0 + c * dst_cstride, sum0[c]);

@@ -397,6 +397,10 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
                                     acc_t* dst, acc_t* sum_sq) {
   const int64_t W = L.W, sx = src.strides.x, sc = src.strides.c;
   const scalar_t* image = src.row(n, 0, 0);
+  constexpr bool half_type =
+      std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+  // Once per call, not per row (active_isa is a call into another unit).
+  [[maybe_unused]] const bool native = half_type && native_build_runs();
   for (int64_t cc = 0; cc < count;) {
     // Channels in pairs where the rows take the vector path (see
     // stage_row_vectors).
@@ -418,9 +422,8 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
             src.end - s >= L.Wv && src.end - (s + (channels - 1) * sc) >= L.Wv;
         if (readable) {
 #if defined(__x86_64__)
-          if constexpr (std::is_same_v<scalar_t, c10::Half> ||
-                        std::is_same_v<scalar_t, c10::BFloat16>) {
-            if (native_build_runs()) {
+          if constexpr (half_type) {
+            if (native) {
               if (channels == 2) stage_half_row_vectors<2>(s, sc, W, d, cstride, q);
               else stage_half_row_vectors<1>(s, sc, W, d, cstride, q);
               continue;
