@@ -69,16 +69,17 @@ def test_half_types_are_staged_exactly(cpu_path, dtype, width):
 
 
 def test_wide_vectors_rule_on_both_sides_of_its_threshold():
-    """With AVX-512, a call runs the 64-byte build unless its rows take more of
-    those vectors' lanes than of 32-byte ones (W mod 16 in 1..8 for float,
-    mod 8 in 1..4 for double), past the widths the flat layout takes."""
+    """With AVX-512, a call runs the 64-byte build unless its rows take at
+    least a quarter more of those vectors' lanes than of 32-byte ones (W of
+    17-24 floats: 32 lanes against 24), past the widths the flat layout
+    takes; no width of double is past that line (W = 20: 24 against 20)."""
     pick = _extension._C._cpu_isa_for_call
     if "avx512" not in CPU_PATHS:
         assert pick(56, 4) == pick(64, 4) == CPU_PATHS[0]
         return
-    assert [pick(W, 4) for W in (16, 17, 24, 25, 32, 56, 57, 64)] == [
-        "avx512", "avx2", "avx2", "avx512", "avx512", "avx2", "avx512", "avx512"]
-    assert [pick(W, 8) for W in (56, 20, 44, 29)] == ["avx512", "avx2", "avx2", "avx512"]
+    assert [pick(W, 4) for W in (16, 17, 20, 24, 25, 33, 40, 56, 64, 72)] == [
+        "avx512", "avx2", "avx2", "avx2", "avx512", "avx512", "avx512", "avx512", "avx512", "avx512"]
+    assert [pick(W, 8) for W in (17, 20, 28, 44)] == ["avx512"] * 4
     assert pick(7, 4) == "avx512"  # flat
     _extension._C._set_cpu_isa("avx512")
     try:  # a forced build runs every call

@@ -99,7 +99,8 @@ void set_isa(const std::string& name) {
 
 bool wide_vectors_pay(int64_t W, int64_t lanes) {
   const int64_t half = lanes / 2;
-  return W <= FLAT_MAX_W || (W + lanes - 1) / lanes * lanes == (W + half - 1) / half * half;
+  const int64_t wide = (W + lanes - 1) / lanes * lanes, narrow = (W + half - 1) / half * half;
+  return W <= FLAT_MAX_W || 4 * wide < 5 * narrow;
 }
 
 Isa isa_for_call(int64_t W, int64_t acc_bytes) {

@@ -24,10 +24,12 @@ void set_isa(const std::string& name);
 
 // The rule between the AVX-512 and AVX2 builds, measured in
 // docs/cpu_kernels.md: rows of W values are swept in whole vectors, of `lanes`
-// values with 64-byte vectors or lanes / 2 with 32-byte ones. Where the wide
-// ones take more lanes (W = 56 floats: 4 x 16 = 64 against 7 x 8 = 56), the
-// AVX2 build is faster (1.04-1.43x on the W = 56 cases); the flat layout's
-// images are one long row, and so are rows of up to FLAT_MAX_W that it takes.
+// values with 64-byte vectors or lanes / 2 with 32-byte ones. Only where the
+// wide ones take a quarter more lanes or worse (W = 17-24 floats: 32 against
+// 24) is the AVX2 build faster (1.07-1.13x on K = 3); at W = 56 (64 against
+// 56) the two tie on K = 3 and AVX-512 wins from K = 5 (its row groups of
+// three). The flat layout's images are one long row, and so are rows of up to
+// FLAT_MAX_W that it takes.
 bool wide_vectors_pay(int64_t W, int64_t lanes);
 // The build that runs a call on images W wide whose accumulation type has
 // acc_bytes: the forced one, else the processor's best by the rule above.
