@@ -186,7 +186,10 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
           for (int64_t x = 0; x < L.W; x += V)
             store(o + x, load(a_k + x) * load(inv_p + x) * load(inv_q + x));
         } else {
-          round_product_row(a_k, inv_p, inv_q, o, L.W);
+          // Whole vectors too (the spare vector holds 2V half values): at
+          // W = 56 the eight values past the last whole vector took a
+          // scalar loop that cost more than the vectors.
+          round_product_row(a_k, inv_p, inv_q, o, (L.W + V - 1) / V * V);
         }
       }
       if (!L.single_run)
