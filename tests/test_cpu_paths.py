@@ -68,6 +68,31 @@ def test_half_types_are_staged_exactly(cpu_path, dtype, width):
     assert torch.equal(out[numbers], x[numbers])
 
 
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels", [1, 16])  # the pixel gather; the chunked one
+def test_half_gradients_are_rounded_exactly(cpu_path, dtype, channels):
+    """The backward rounds its float gradients to the half type as c10 does
+    (to nearest even; overflow to infinity, subnormals, NaN), on runs that
+    start anywhere in a 16-byte line. Raw mode, K = 1: grad_a = grad_out * b,
+    and the float product of a half value and 1.5 is exact, so the rounding
+    alone decides each bit, over every bit pattern of b whose product is a
+    finite float (a zero's sign aside: the sum that starts at +0 drops it)."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    width = 100
+    rows = -(-patterns.numel() // (channels * width))
+    b = patterns.repeat(2)[: channels * rows * width].view(dtype).reshape(1, channels, rows, width)
+    a = torch.ones_like(b, requires_grad=True)
+    out = stccl_ops.local_correlation(a, b, 1, normalize=False, backend="cpp")
+    g = torch.full_like(out, 1.5)
+    (grad_a,) = torch.autograd.grad(out, (a,), g)
+    product = g.float() * b.float() + 0.0
+    want = product.to(dtype)
+    assert grad_a[b.isnan()].isnan().all()
+    numbers = product.isfinite()
+    assert torch.equal(grad_a.view(torch.int16)[numbers], want.view(torch.int16)[numbers])
+
+
 def test_wide_vectors_rule_on_both_sides_of_its_threshold():
     """With AVX-512, a call runs the 64-byte build unless its rows take at
     least a quarter more of those vectors' lanes than of 32-byte ones (W of

@@ -484,7 +484,8 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
 }
 
 // Streams the chunk's gradient runs to grad (contiguous (N, C, H, W)),
-// converted to scalar_t through the buffer when it is not acc_t; with
+// rounded to a half type on the way where the build can (stream_rounded),
+// else converted to scalar_t through the buffer when it is not acc_t; with
 // L.single_gradient_run the chunk's channels, one after the other in grad, are
 // gathered in the buffer and streamed as one run.
 template <typename scalar_t, typename acc_t>
@@ -495,15 +496,17 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
   scalar_t* gathered = reinterpret_cast<scalar_t*>(buffer);
   for (int64_t cc = 0; cc < count; ++cc) {
     const acc_t* run = runs + cc * L.run_cstride;
+    scalar_t* out = grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (!L.single_gradient_run && stream_rounded(run, out, elements)) continue;
+    }
     const void* src = run;
     if (L.single_gradient_run || !std::is_same_v<scalar_t, acc_t>) {
       scalar_t* dst = gathered + (L.single_gradient_run ? cc * elements : 0);
       convert_row(run, dst, elements);
       src = dst;
     }
-    if (!L.single_gradient_run)
-      stream_copy(grad + ((n * L.C + c0 + cc) * L.H + y0) * L.W, src,
-                  elements * int64_t(sizeof(scalar_t)));
+    if (!L.single_gradient_run) stream_copy(out, src, elements * int64_t(sizeof(scalar_t)));
   }
   if (L.single_gradient_run)
     stream_copy(grad + (n * L.C + c0) * L.H * L.W, gathered,

@@ -128,6 +128,63 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
 }
 #endif
 
+#if defined(__x86_64__)
+// d = a in float16, the 16-byte aligned part of d with non-temporal stores
+// (see stream_copy).
+__attribute__((target("avx,f16c"), noinline)) inline void f16c_stream(const float* a,
+                                                                      c10::Half* d, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i)
+    d[i].x = _cvtss_sh(a[i], _MM_FROUND_TO_NEAREST_INT);
+  for (; i + 8 <= n; i += 8)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(a + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i].x = _cvtss_sh(a[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+// d = a in bfloat16 rounded as c10 rounds (to nearest even; any NaN to
+// 0x7fc0), the 16-byte aligned part of d with non-temporal stores.
+STCCL_ALWAYS_INLINE void bfloat16_stream(const float* a, c10::BFloat16* d, int64_t n) {
+  typedef uint32_t words __attribute__((vector_size(32)));
+  typedef uint16_t halves __attribute__((vector_size(16)));
+  typedef float floats __attribute__((vector_size(32)));
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i) d[i] = c10::BFloat16(a[i]);
+  for (; i + 8 <= n; i += 8) {
+    floats f;
+    __builtin_memcpy(&f, a + i, sizeof(f));
+    words u;
+    __builtin_memcpy(&u, &f, sizeof(u));
+    const words nan = (words)(f != f);
+    const words rounded = (u + ((u >> 16) & 1) + 0x7fff) >> 16;
+    const halves h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0), halves);
+    __m128i v;
+    __builtin_memcpy(&v, &h, sizeof(v));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v);
+  }
+  for (; i < n; ++i) d[i] = c10::BFloat16(a[i]);
+}
+#endif
+
+// d = s rounded to the half type scalar_t and streamed in one pass, where
+// this build can (x86-64; float16 needs F16C): no buffer written and read
+// back before stream_copy. False where it cannot.
+template <typename scalar_t>
+STCCL_ALWAYS_INLINE bool stream_rounded(const float* s, scalar_t* d, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    bfloat16_stream(s, d, n);
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (has_f16c()) {
+      f16c_stream(s, d, n);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // d[i] = s[i] converted, for a contiguous row (float16 by F16C either way).
 template <typename S, typename D>
 STCCL_ALWAYS_INLINE void convert_row(const S* s, D* d, int64_t n) {
