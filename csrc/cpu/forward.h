@@ -51,15 +51,39 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
   if (L.flat) {
     // One row, the whole image: x outermost, so that the window rows of an x
     // vector read the same few lines of each channel while they are in L1
-    // (a chunk of whole images does not fit there).
+    // (a chunk of whole images does not fit there). The native builds take
+    // several window rows per block: one row of a 3 x 3 window held 3 sums,
+    // too few chains of dependent FMAs to cover their latency.
+    const int64_t full_rows = self ? r : K;  // rows with all K offsets
+    const int64_t group = ROW_PAIRS ? window_rows_per_block(K) : 1;
     STCCL_WITH_DILATION(d, {
       for (int64_t xb = 0; xb < Wv; xb += V) {
-        for (int64_t i = 0; i < window_rows; ++i) {
-          const int64_t offsets = (self && i == r) ? r + 1 : K;
-          STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, offsets, a_rows + xb, a_cstride,
-                        b_stage + i * d * step + xb + j0 * d, L.stage_cstride, d, count,
-                        acc + (i * K + j0) * Wv + xb, Wv);
+        for (int64_t i = 0; i < full_rows; i += group) {
+          const acc_t* a_vec = a_rows + xb;
+          const acc_t* b_vec = b_stage + i * d * step + xb;
+          acc_t* acc_vec = acc + i * K * Wv + xb;
+          auto run = [&](auto rows_in_block) STCCL_LAMBDA_INLINE {
+            constexpr int I = decltype(rows_in_block)::value;
+            STCCL_BLOCKED(NativeBlocks::Window<I>::template block, max_window_block(I), DIL, K,
+                          a_vec, a_cstride, b_vec + j0 * d, L.stage_cstride, d * step, d, count,
+                          acc_vec + j0 * Wv, K * Wv, Wv);
+          };
+          switch (std::min(group, full_rows - i)) {
+            case 1:
+              STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, K, a_vec, a_cstride,
+                            b_vec + j0 * d, L.stage_cstride, d, count, acc_vec + j0 * Wv, Wv);
+              break;
+            case 2: if constexpr (ROW_PAIRS) run(std::integral_constant<int, 2>{}); break;
+            case 3: if constexpr (ROW_PAIRS) run(std::integral_constant<int, 3>{}); break;
+            case 4: if constexpr (ROW_PAIRS) run(std::integral_constant<int, 4>{}); break;
+            case 5: if constexpr (ROW_PAIRS) run(std::integral_constant<int, 5>{}); break;
+            default: break;
+          }
         }
+        if (self)  // the centre row: its offsets up to the centre
+          STCCL_BLOCKED(Blocks::template single, MAX_BLOCK, DIL, r + 1, a_rows + xb, a_cstride,
+                        b_stage + r * d * step + xb + j0 * d, L.stage_cstride, d, count,
+                        acc + (r * K + j0) * Wv + xb, Wv);
       }
     });
     return;

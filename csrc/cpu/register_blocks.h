@@ -9,28 +9,45 @@
 namespace stccl::cpu {
 inline namespace STCCL_VECTOR_NAMESPACE {
 
-// acc[j] += sum over count channels of a * b[j * dil], for J offsets of one
-// window row; the J accumulators stay in registers across the channel loop.
+// acc[i][j] += sum over count channels of a * b[i][j * dil], for J offsets
+// of each of I window rows (b's rows b_rstride apart, the sums' acc_rstride
+// apart); the I * J accumulators stay in registers across the channel loop.
 // DIL > 0 makes the dilation a compile-time constant (no offset registers).
-template <int J, int DIL, typename acc_t>
-STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
-                                         int64_t b_cstride, int64_t dil_rt, int64_t count,
-                                         acc_t* acc, int64_t acc_stride) {
+template <int I, int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_window_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+                                                int64_t b_cstride, int64_t b_rstride,
+                                                int64_t dil_rt, int64_t count, acc_t* acc,
+                                                int64_t acc_rstride, int64_t acc_stride) {
   using vec = typename Simd<acc_t>::vec;
   const int64_t dil = DIL > 0 ? DIL : dil_rt;
-  vec sum[J];
+  vec sum[I][J];
+#pragma GCC unroll 8
+  for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j) sum[j] = load(acc + j * acc_stride);
+    for (int j = 0; j < J; ++j) sum[i][j] = load(acc + i * acc_rstride + j * acc_stride);
   // An end pointer rather than a counter: the loop must not keep anything in
   // memory (a spilled counter puts a store-to-load chain into every step).
   for (const acc_t* const a_end = a + count * a_cstride; a != a_end;
        a += a_cstride, b += b_cstride) {
     const vec av = load(a);
+#pragma GCC unroll 8
+    for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
-    for (int j = 0; j < J; ++j) sum[j] += av * load(b + j * dil);
+      for (int j = 0; j < J; ++j) sum[i][j] += av * load(b + i * b_rstride + j * dil);
   }
+#pragma GCC unroll 8
+  for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j) store(acc + j * acc_stride, sum[j]);
+    for (int j = 0; j < J; ++j) store(acc + i * acc_rstride + j * acc_stride, sum[i][j]);
+}
+
+// The same for the J offsets of one window row.
+template <int J, int DIL, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+                                         int64_t b_cstride, int64_t dil_rt, int64_t count,
+                                         acc_t* acc, int64_t acc_stride) {
+  correlate_window_block<1, J, DIL>(a, a_cstride, b, b_cstride, int64_t(0), dil_rt, count, acc,
+                                    int64_t(0), acc_stride);
 }
 
 // correlate_block for R output rows that read the same staged row of b (row
@@ -95,6 +112,15 @@ struct NativeBlocks {
     template <int J, int DIL, typename... Args>
     STCCL_NATIVE_FUNCTION static void block(Args... args) {
       correlate_rows_block<R, J, DIL>(args...);
+    }
+  };
+  // correlate_window_block for I window rows, as BLOCK<J, DIL> of
+  // STCCL_BLOCKED (with MAXB = max_window_block(I)).
+  template <int I>
+  struct Window {
+    template <int J, int DIL, typename... Args>
+    STCCL_NATIVE_FUNCTION static void block(Args... args) {
+      correlate_window_block<I, J, DIL>(args...);
     }
   };
 };

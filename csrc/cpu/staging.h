@@ -15,6 +15,7 @@
 // any thread count.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../index_math.h"
@@ -82,6 +83,17 @@ constexpr int64_t PREFETCH_MAX_RUN_BYTES = 1024;
 constexpr int MAX_BLOCK = 9, ROW_GROUP = STCCL_VECTOR_BYTES == 64 ? 3 : 2;
 constexpr int max_rows_block(int rows) {
   return rows == 1 ? MAX_BLOCK : rows == 2 ? (STCCL_VECTOR_BYTES == 64 ? 9 : 5) : 8;
+}
+// The flat layout's forward takes several window rows per register block
+// (correlate_window_block): at most MAX_WINDOW_SUMS sums, with the a vector
+// as many registers as the vector registers hold (a 3 x 3 window in one
+// block with either width, 5 x 5 with AVX-512), and at most MAX_WINDOW_ROWS
+// rows (the blocks instantiated per row count).
+constexpr int MAX_WINDOW_SUMS = STCCL_VECTOR_BYTES == 64 ? 25 : 12, MAX_WINDOW_ROWS = 5;
+constexpr int max_window_block(int rows) { return std::min(MAX_BLOCK, MAX_WINDOW_SUMS / rows); }
+constexpr int64_t window_rows_per_block(int64_t K) {
+  return std::clamp<int64_t>(MAX_WINDOW_SUMS / std::min<int64_t>(K, MAX_BLOCK), 1,
+                             MAX_WINDOW_ROWS);
 }
 // By the backward's row-pair gather: 2 x J weights, four partial sums and
 // the x vector, as many registers as the forward's two-row block.
