@@ -161,16 +161,18 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
 template <typename acc_t>
 STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
                                       const acc_t* dst, const GradientEpilogue<acc_t>& final) {
+  using vec = typename Simd<acc_t>::vec;
   constexpr int64_t V = Simd<acc_t>::lanes;
   for (int64_t cc = 0; cc < count; ++cc) {
     for (int64_t rr = 0; rr < rows; ++rr) {
       const acc_t* scale = final.scale + rr * L.Wv;
-      const acc_t* shift = final.shift + rr * L.Wv;
+      const acc_t* shift = final.shift ? final.shift + rr * L.Wv : nullptr;
       const acc_t* own = final.own + cc * final.own_cstride + rr * L.WB;
       const acc_t* total = dst + cc * L.dst_cstride + rr * L.Wv;
       acc_t* run = final.runs + cc * final.run_cstride + rr * L.W;
       for (int64_t xb = 0; xb < L.Wv; xb += V)
-        store(run + xb, load(scale + xb) * load(total + xb) - load(shift + xb) * load(own + xb));
+        store(run + xb, final.gradient(load(scale + xb), shift ? load(shift + xb) : vec{},
+                                       load(total + xb), own + xb));
     }
   }
 }
@@ -190,8 +192,9 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
   auto epilogue_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
     GradientEpilogue<acc_t> e{};
     if (final)
-      e = {final->scale + rr * Wv + xb, final->shift + rr * Wv + xb, final->own + rr * WB + xb,
-           final->own_cstride, final->runs + rr * W + xb, final->run_cstride};
+      e = {final->scale + rr * Wv + xb, final->shift ? final->shift + rr * Wv + xb : nullptr,
+           final->own + rr * WB + xb, final->own_cstride, final->runs + rr * W + xb,
+           final->run_cstride};
     return e;
   };
   if (K <= 3) {
@@ -516,11 +519,12 @@ STCCL_ALWAYS_INLINE void write_gradient(const Layout<acc_t>& L, int64_t n, int64
 // The end of a pixel-gathered gradient, from its sums S (ws.dst, every
 // channel): scale and shift without the volume, grad = inv S - pass inv^2 c
 // own with c = sum_k g out = inv <own, S> (out = inv_own inv_other <own,
-// other>), so shift = pass inv^3 <own, S>, 0 in raw mode (pass = 0); then the
+// other>), so shift = pass inv^3 <own, S> (none in raw mode); then the
 // runs (finish_chunk) and grad image n's band (write_gradient).
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, int64_t n, int64_t y0,
-                                               int64_t rows, const StagedBand<acc_t>& own_band,
+STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, bool normalize, int64_t n,
+                                               int64_t y0, int64_t rows,
+                                               const StagedBand<acc_t>& own_band,
                                                BackwardWorkspace<acc_t>& ws, scalar_t* grad) {
   using vec = typename Simd<acc_t>::vec;
   constexpr int64_t V = Simd<acc_t>::lanes;
@@ -541,7 +545,8 @@ STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, int64_t n
     }
   }
   finish_chunk(L, rows, L.C, dst,
-               {scale, shift, own, L.stage_cstride, ws.runs.data(), L.run_cstride});
+               {scale, normalize ? shift : nullptr, own, L.stage_cstride, ws.runs.data(),
+                L.run_cstride});
   write_gradient(L, n, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), grad);
 }
 
@@ -575,7 +580,7 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
                         const StagedBand<acc_t>& other, scalar_t* grad) STCCL_LAMBDA_INLINE {
       pixel_gather_term<ROW_PAIRS>(L, args.grad_out, mode, n, y0, rows, other.inv.data(),
                                    other.stage.data(), ws.dst.data(), false, ws.g_tile.data());
-      finish_pixel_gradient(L, n, y0, rows, own, ws, grad);
+      finish_pixel_gradient(L, args.normalize, n, y0, rows, own, ws, grad);
     };
     if (args.grad_a) gradient(two ? GradMode::A : GradMode::Self, A, B, args.grad_a);
     if (args.grad_b) gradient(GradMode::B, B, A, args.grad_b);
@@ -598,8 +603,9 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
                         const acc_t* own_rows, const acc_t* other_rows,
                         scalar_t* grad) STCCL_LAMBDA_INLINE {
-      const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
-                                          L.stage_cstride, ws.runs.data(), L.run_cstride};
+      const GradientEpilogue<acc_t> final{scale, args.normalize ? shift : nullptr,
+                                          own_rows + L.own_offset(), L.stage_cstride,
+                                          ws.runs.data(), L.run_cstride};
       gather_chunk<ROW_PAIRS>(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
       write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
     };

@@ -161,20 +161,30 @@ STCCL_ALWAYS_INLINE void correlate_chunk(const Layout<acc_t>& L, bool self, int6
   });
 }
 
-// In the flat layout, the sums of offsets whose neighbour lies past the end
-// of its row (they read the next or previous row): zero, as the output is
-// there. Per image row and offset, the first -dx or last dx columns.
+// The sums of offsets whose neighbour lies outside the image: zero, as the
+// output is there. Against the zero halo they are a * 0, which is NaN where a
+// is infinite or NaN; in the flat layout a neighbour past a row's end is a
+// pixel of the next or previous row, and the sum is not zero at all. Per
+// offset and image row of the band (flat: of the image): the whole row where
+// the neighbour's row is outside, else the first -dx or last dx columns.
 template <typename acc_t>
-STCCL_ALWAYS_INLINE void zero_wrapped(const Layout<acc_t>& L, acc_t* acc) {
-  if (!L.flat) return;
-  const int64_t W = L.image_W;
+STCCL_ALWAYS_INLINE void zero_outside_image(const Layout<acc_t>& L, int64_t y0, int64_t rows,
+                                            acc_t* acc) {
+  const int64_t W = L.image_W, H = L.image_H;
+  const int64_t first_y = L.flat ? 0 : y0, image_rows = L.image_rows(rows);
+  const int64_t row_stride = L.flat ? W : L.KK * L.Wv;
   for (int64_t k = 0; k < L.KK; ++k) {
-    const int64_t dx = offset_dx(k, L.K, L.dilation);
-    if (dx == 0) continue;
+    const int64_t dy = offset_dy(k, L.K, L.dilation), dx = offset_dx(k, L.K, L.dilation);
     const int64_t x0 = dx < 0 ? 0 : std::max<int64_t>(W - dx, 0);
     const int64_t width = std::min(std::abs(dx), W);
-    for (int64_t y = 0; y < L.image_H; ++y)
-      std::fill_n(acc + k * L.Wv + y * W + x0, width, acc_t(0));
+    for (int64_t yy = 0; yy < image_rows; ++yy) {
+      acc_t* row = acc + k * L.Wv + yy * row_stride;
+      const int64_t yq = first_y + yy + dy;
+      if (yq < 0 || yq >= H)
+        std::fill_n(row, W, acc_t(0));
+      else
+        std::fill_n(row + x0, width, acc_t(0));
+    }
   }
 }
 
@@ -266,7 +276,7 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   else
     inverse_norms_in_place(L, args.normalize, args.eps, y0, rows, Wv, int64_t(0), inv_a,
                            static_cast<acc_t*>(nullptr));
-  zero_wrapped(L, acc);
+  zero_outside_image(L, y0, rows, acc);
   write_output(L, args.self, y0, rows, acc, inv_a, Wv, inv_b, ws.out_rows.data(),
                args.out + n * L.KK * L.H * L.W);
 }

@@ -191,7 +191,9 @@ STCCL_ALWAYS_INLINE void gather_pair_block(const acc_t* w0, const acc_t* w1, int
 // The last step of a gradient, grad[c][p] = scale_p * sum_p - shift_p * own[c][p]
 // with own from its staged rows, written to `runs`: a channel's rows of the
 // band one after the other (W apart), channels run_cstride apart. At one
-// (row, x vector) position: the pointers below already point there.
+// (row, x vector) position: the pointers below already point there. Raw
+// mode has no shift (null): its gradient does not depend on own, and 0 times
+// an infinite own would be NaN.
 template <typename acc_t>
 struct GradientEpilogue {
   const acc_t* scale;
@@ -200,6 +202,12 @@ struct GradientEpilogue {
   int64_t own_cstride;
   acc_t* runs;
   int64_t run_cstride;
+  STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec gradient(typename Simd<acc_t>::vec scale_v,
+                                                         typename Simd<acc_t>::vec shift_v,
+                                                         typename Simd<acc_t>::vec total,
+                                                         const acc_t* own_at) const {
+    return shift ? scale_v * total - shift_v * load(own_at) : scale_v * total;
+  }
 };
 
 // For windows of up to 3 x 3: the sum over the whole window of
@@ -220,7 +228,7 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
   vec scale{}, shift{};
   if constexpr (FINAL) {
     scale = load(epi.scale);
-    shift = load(epi.shift);
+    if (epi.shift) shift = load(epi.shift);
   }
   for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
     // One partial sum per window row: short chains of dependent FMAs.
@@ -236,7 +244,7 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
 #pragma GCC unroll 16
     for (int i = 0; i < KW; ++i) total += s[i];
     if constexpr (FINAL) {
-      store(epi.runs + cc * epi.run_cstride, scale * total - shift * load(epi.own));
+      store(epi.runs + cc * epi.run_cstride, epi.gradient(scale, shift, total, epi.own));
       epi.own += epi.own_cstride;
     } else {
       store(dst, total);

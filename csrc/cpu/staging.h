@@ -129,7 +129,7 @@ struct Operand {
 // band is the whole image as one run of H*W values (its rows W apart, the
 // halo pad rows plus pad values before and after), SIMD over that run; a
 // neighbour at (dy, dx) is dy*W + dx away, so a step past a row's end wraps
-// into the next row: the forward zeroes those outputs (zero_wrapped) and the
+// into the next row: the forward zeroes those outputs (zero_outside_image) and the
 // backward's weights are zero there. Short rows waste most of a row's vectors
 // and pay per-row costs for every channel (W = 7: 7 of 8 lanes, a staging
 // call and a halo per row); flat pays one call per channel. Flat needs each

@@ -130,7 +130,7 @@ STCCL_ALWAYS_INLINE void clip_forward_band(const ClipForwardArgs<scalar_t, acc_t
                                  A.stage.data() + c0 * cs + own, cs, WB,
                                  other.stage.data() + c0 * cs + Lw.inset, acc);
     }
-    zero_wrapped(Lw, acc);
+    zero_outside_image(Lw, c.y0, c.rows, acc);
     write_output(Lw, self, c.y0, c.rows, acc, A.inv.data() + own, WB,
                  other.inv.data() + Lw.inset, ws.out_rows.data(), out);
   };
@@ -205,7 +205,7 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
            stage_frame(image_view(args.v, m - s), args.normalize, args.eps, L, m - s, band, y0,
                        rows_b, ws.staged));
     if (!accumulate) std::fill_n(ws.dst.data(), L.C * L.dst_cstride, acc_t(0));  // in no pair
-    finish_pixel_gradient(L, m, y0, rows, own_band, ws, args.grad);
+    finish_pixel_gradient(L, args.normalize, m, y0, rows, own_band, ws, args.grad);
     return;
   }
   auto weights = [&](const Layout<acc_t>& Lw, GradMode mode, const Operand<scalar_t>& grad_out,
@@ -248,8 +248,9 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
-    const GradientEpilogue<acc_t> final{scale, shift, own_rows + L.own_offset(),
-                                        L.stage_cstride, ws.runs.data(), L.run_cstride};
+    const GradientEpilogue<acc_t> final{scale, args.normalize ? shift : nullptr,
+                                        own_rows + L.own_offset(), L.stage_cstride,
+                                        ws.runs.data(), L.run_cstride};
     if (has_self) {
       const Layout<acc_t>& Ls = *args.spatial_layout;
       gather_chunk<ROW_PAIRS>(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset,
