@@ -129,3 +129,61 @@ def with_threads(n):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def assert_same_where_not_finite(actual, expected, kind="out", nan_may_be_inf=False):
+    """NaN, +inf and -inf at the same places; the finite values close.
+    nan_may_be_inf: where expected is NaN, actual may be infinite instead."""
+    nan = torch.isnan(expected)
+    if nan_may_be_inf:
+        assert (~torch.isfinite(actual[nan])).all()
+        actual, expected = actual[~nan], expected[~nan]
+    for where in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(where(actual), where(expected)), (where.__name__, actual, expected)
+    finite = torch.isfinite(expected)
+    assert_close(actual[finite], expected[finite], kind)
+
+
+def check_infinite_and_nan(backend, op, at_row_ends, gradients=True, device="cpu"):
+    """Infinite and NaN inputs against the reference (float64, 3 x 3 window).
+    A neighbour outside the image contributes nothing, not 0 times an
+    infinite value: the outputs there stay 0 (both modes), and a raw-mode
+    gradient has no term in its own operand. at_row_ends: the values in the
+    first and last columns, else inside. The self-correlation's gradient adds
+    the weights of x's two roles before multiplying, (g1 + g2) x, where the
+    reference adds g1 x + g2 x: with x infinite and g1, g2 of opposite signs
+    it is infinite where the reference's is NaN."""
+    from stccl_ops import reference
+
+    K, size = 3, (2, 6, 6, 9)
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(*size, generator=g, dtype=torch.float64) for _ in range(2))
+    columns = (0, 8) if at_row_ends else (3, 5)
+    x[0, 1, 0, columns[0]] = float("inf")
+    x[1, 2, 4, columns[1]] = float("nan")
+    y[0, 3, 5, columns[1]] = float("-inf")
+    y[1, 0, 2, columns[0]] = float("inf")
+    x, y = x.to(device), y.to(device)
+    call, ref_call = {
+        "local": (lambda a, b, **kw: stccl_ops.local_correlation(a, b, K, **kw),
+                  lambda a, b, **kw: reference.local_correlation(a, b, K, **kw)),
+        "self": (lambda a, **kw: stccl_ops.spatial_correlation(a, K, **kw),
+                 lambda a, **kw: reference.spatial_correlation(a, K, **kw)),
+        "temporal": (lambda v, **kw: stccl_ops.temporal_correlation(v, K, **kw),
+                     lambda v, **kw: reference.temporal_correlation(v, K, **kw)),
+    }[op]
+    inputs = {"local": (x, y), "self": (x,), "temporal": (torch.stack([x, y], 1),)}[op]
+    with torch.no_grad():
+        for normalize in (True, False):
+            assert_same_where_not_finite(call(*inputs, normalize=normalize, backend=backend),
+                                         ref_call(*inputs, normalize=normalize))
+    if not gradients:
+        return
+    grad_out = torch.randn(ref_call(*inputs).shape, generator=g,
+                           dtype=torch.float64).to(device)
+    _, got = grads(lambda *t: call(*t, normalize=False, backend=backend),
+                   tuple(map(leaf, inputs)), grad_out)
+    _, want = grads(lambda *t: ref_call(*t, normalize=False), tuple(map(leaf, inputs)),
+                    grad_out)
+    for mine, expected in zip(got, want):
+        assert_same_where_not_finite(mine, expected, "grad", nan_may_be_inf=op == "self")

@@ -12,8 +12,8 @@ import torch
 import stccl_ops
 from stccl_ops import reference
 
-from helpers import (DTYPES, HAS_CUDA_GPU, assert_close, grads, leaf, needs_extension,
-                     require_cuda_emulated, samples, with_threads)
+from helpers import (DTYPES, HAS_CUDA_GPU, assert_close, check_infinite_and_nan, grads, leaf,
+                     needs_extension, require_cuda_emulated, samples, with_threads)
 
 BACKENDS = [
     pytest.param(("cpp", "cpu"), id="cpp", marks=needs_extension),
@@ -103,6 +103,17 @@ def test_empty_inputs(backend, shape):
     x = torch.randn(shape, device=device, requires_grad=True)
     stccl_ops.spatial_correlation(x, 3, backend=name).sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("op", ["local", "self", "temporal"])
+@pytest.mark.parametrize("at_row_ends", [False, True])
+def test_infinite_and_nan_inputs_as_the_reference(backend, op, at_row_ends):
+    """(The C++ backend's flat layout, which these 6 x 9 maps take, reads the
+    next row's pixel with a weight of 0 where a window passes a row's end:
+    with values at row ends only its forward is compared.)"""
+    name, device = backend
+    check_infinite_and_nan(name, op, at_row_ends, device=device,
+                           gradients=not (name == "cpp" and at_row_ends))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

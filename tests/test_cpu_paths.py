@@ -6,7 +6,8 @@ import torch
 import stccl_ops
 from stccl_ops import _extension, reference
 
-from helpers import CPU_PATHS, DTYPES, assert_close, grads, leaf, needs_extension
+from helpers import (CPU_PATHS, DTYPES, assert_close, check_infinite_and_nan, grads, leaf,
+                     needs_extension)
 
 pytestmark = needs_extension
 
@@ -439,61 +440,14 @@ def test_both_layouts_are_bitwise_deterministic_across_thread_counts(cpu_layout)
             assert torch.equal(x, y)
 
 
-def assert_same_where_not_finite(actual, expected, kind="out", nan_may_be_inf=False):
-    """NaN, +inf and -inf at the same places; the finite values close.
-    nan_may_be_inf: where expected is NaN, actual may be infinite instead."""
-    nan = torch.isnan(expected)
-    if nan_may_be_inf:
-        assert (~torch.isfinite(actual[nan])).all()
-        actual, expected = actual[~nan], expected[~nan]
-    for where in (torch.isnan, torch.isposinf, torch.isneginf):
-        assert torch.equal(where(actual), where(expected)), (where.__name__, actual, expected)
-    finite = torch.isfinite(expected)
-    assert_close(actual[finite], expected[finite], kind)
-
 
 @pytest.mark.parametrize("cpu_layout", ["rows", "flat", "pixels"], indirect=True)
 @pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("op", ["local", "self", "temporal"])
 @pytest.mark.parametrize("at_row_ends", [False, True])
 def test_infinite_and_nan_inputs_as_the_reference(cpu_layout, cpu_path, op, at_row_ends):
-    """A neighbour outside the image contributes nothing, not 0 times an
-    infinite value: the outputs there stay 0 (both modes), and a raw-mode
-    gradient has no term in its own operand. Values in the first and last
-    columns too (at_row_ends): the rows and pixel layouts stage a zero halo
-    there; the flat layout's backward reads the next row's pixel with a
-    weight of 0 where a window passes a row's end, so at row ends only its
-    forward is compared. The self-correlation's gradient adds the weights of
-    x's two roles before multiplying (g1 + g2) x where the reference adds
-    g1 x + g2 x: with x infinite and g1, g2 of opposite signs it is infinite
-    where the reference's is NaN."""
-    K, size = 3, (2, 6, 6, 9)
-    g = torch.Generator().manual_seed(5)
-    x, y = (torch.randn(*size, generator=g, dtype=torch.float64) for _ in range(2))
-    columns = (0, 8) if at_row_ends else (3, 5)
-    x[0, 1, 0, columns[0]] = float("inf")
-    x[1, 2, 4, columns[1]] = float("nan")
-    y[0, 3, 5, columns[1]] = float("-inf")
-    y[1, 0, 2, columns[0]] = float("inf")
-    call, ref_call = {
-        "local": (lambda a, b, **kw: stccl_ops.local_correlation(a, b, K, **kw),
-                  lambda a, b, **kw: reference.local_correlation(a, b, K, **kw)),
-        "self": (lambda a, **kw: stccl_ops.spatial_correlation(a, K, **kw),
-                 lambda a, **kw: reference.spatial_correlation(a, K, **kw)),
-        "temporal": (lambda v, **kw: stccl_ops.temporal_correlation(v, K, **kw),
-                     lambda v, **kw: reference.temporal_correlation(v, K, **kw)),
-    }[op]
-    inputs = {"local": (x, y), "self": (x,), "temporal": (torch.stack([x, y], 1),)}[op]
-    with torch.no_grad():
-        for normalize in (True, False):
-            assert_same_where_not_finite(call(*inputs, normalize=normalize, backend="cpp"),
-                                         ref_call(*inputs, normalize=normalize))
-    if cpu_layout == "flat" and at_row_ends:
-        return  # (see above)
-    grad_out = torch.randn(ref_call(*inputs).shape, generator=g, dtype=torch.float64)
-    _, got = grads(lambda *t: call(*t, normalize=False, backend="cpp"),
-                   tuple(map(leaf, inputs)), grad_out)
-    _, want = grads(lambda *t: ref_call(*t, normalize=False), tuple(map(leaf, inputs)),
-                    grad_out)
-    for mine, expected in zip(got, want):
-        assert_same_where_not_finite(mine, expected, "grad", nan_may_be_inf=op == "self")
+    """See check_infinite_and_nan: the flat layout's backward reads the next
+    row's pixel with a weight of 0 where a window passes a row's end, so with
+    values at row ends only its forward is compared."""
+    check_infinite_and_nan("cpp", op, at_row_ends,
+                           gradients=not (cpu_layout == "flat" and at_row_ends))

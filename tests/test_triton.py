@@ -14,7 +14,7 @@ import torch
 import stccl_ops
 from stccl_ops import reference
 
-from helpers import DTYPES, assert_close, grads, leaf, samples
+from helpers import DTYPES, assert_close, check_infinite_and_nan, grads, leaf, samples
 
 try:
     import triton  # noqa: F401
@@ -52,6 +52,13 @@ def test_interpreted_forward_backward(dtype, K, dilation, normalize):
     ref, (rx,) = grads(lambda x: reference.spatial_correlation(x, *window), (a,), g)
     assert_close(out, ref)
     assert_close(gx, rx, "grad")
+
+
+@INTERPRETED
+@pytest.mark.parametrize("op", ["local", "self", "temporal"])
+@pytest.mark.parametrize("at_row_ends", [False, True])
+def test_interpreted_infinite_and_nan_inputs(op, at_row_ends):
+    check_infinite_and_nan("triton", op, at_row_ends)
 
 
 @INTERPRETED

@@ -186,7 +186,8 @@ __device__ __forceinline__ void gather_tile(
       const int64_t at = pix + c * g.H * g.W;
       acc_t v = scale * s;
       if (first_group) {
-        v -= shift * to_acc(y_img[c * sy.c + y * sy.y + x * sy.x]);
+        // (raw mode has no shift: 0 times an infinite own value would be NaN)
+        if (shift != acc_t(0)) v -= shift * to_acc(y_img[c * sy.c + y * sy.y + x * sy.x]);
       } else {
         v += ws.partial[at];
       }
@@ -411,7 +412,7 @@ __device__ __forceinline__ void clip_gather_tile(
       const int64_t at = pix + c * hw;
       acc_t value = scale * sum;
       if (first_group) {
-        value -= shift * to_acc(own_img[c * sv.c + y * sv.y + x * sv.x]);
+        if (shift != acc_t(0)) value -= shift * to_acc(own_img[c * sv.c + y * sv.y + x * sv.x]);
       } else {
         value += ws.partial[at];
       }
