@@ -29,10 +29,9 @@ struct BackwardWorkspace {
         runs(L.chunk * L.run_cstride),
         converted(L.run_buffer(L.chunk)),
         volume_rows(3 * L.Wv),
-        g_tile(L.pixel_gather
-                   ? std::max(L.KK * L.x_tile, other ? other->KK * other->x_tile : 0) * 2 +
-                         std::max(L.x_tile, other ? other->x_tile : 0)
-                   : 0) {}
+        g_tile(L.pixel_gather ? std::max(g_tile_size(L), other ? g_tile_size(*other) : 0)
+                              : 0) {}
+  static int64_t g_tile_size(const Layout<acc_t>& L) { return 2 * L.KK * L.x_tile + L.x_tile; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -262,15 +261,6 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
 // and the loads take 11 of the 16 registers.
 constexpr int PIXEL_BLOCK = 8;
 
-// The pixel gather (few channels, see Layout::pixel_gather): per vector of
-// pixels, the weight of each offset is formed in a register from grad_out
-// and the other operand's inverse norm as the offsets go by, and multiplies
-// every channel's neighbour into that channel's sum, one register each:
-//   dst[c][p] (+)= sum_k G[k][p] inv[p + d_k] other[c][p + d_k]
-// (no weight buffers, no pass over the weights per channel chunk). The
-// shift needs no read of `out` (finish_pixel_gradient). G, inv and other point at the
-// vector: G the offsets' weights g_stride apart, inv and other at the
-// window's first offset in staged rows.
 // sum[c] += the terms of one window row (K offsets, weights G g_stride apart)
 // for CHANNELS channels: the pixel gather's inner loop.
 template <int CHANNELS, typename acc_t>
@@ -284,6 +274,15 @@ STCCL_ALWAYS_INLINE void gather_window_row(const acc_t* G, int64_t g_stride, con
   }
 }
 
+// The pixel gather (few channels, see Layout::pixel_gather): per vector of
+// pixels, the weight of each offset is formed in a register from grad_out
+// and the other operand's inverse norm as the offsets go by, and multiplies
+// every channel's neighbour into that channel's sum, one register each:
+//   dst[c][p] (+)= sum_k G[k][p] inv[p + d_k] other[c][p + d_k]
+// (no weight buffers, no pass over the weights per channel chunk). The
+// shift needs no read of `out` (finish_pixel_gradient). G, inv and other
+// point at the vector: G the offsets' weights g_stride apart, inv and other
+// at the window's first offset in staged rows.
 template <int CHANNELS, int DIL, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_pixels(const acc_t* G, int64_t g_stride, const acc_t* inv,
                                        const acc_t* other, int64_t cstride, int64_t K,

@@ -110,36 +110,27 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_to_float(const c1
   for (; i < n; ++i) d[i] = _cvtsh_ss(s[i].x);
 }
 
-// d = (a * b) * c in float16; b and c may be null (then d = a).
+// d = (a * b) * c in float16; b and c may be null (then d = a). STREAM: the
+// 16-byte aligned part of d with non-temporal stores (see stream_copy).
+template <bool STREAM = false>
 __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
     const float* a, const float* b, const float* c, c10::Half* d, int64_t n) {
   int64_t i = 0;
+  if constexpr (STREAM)
+    for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i)
+      d[i].x = _cvtss_sh(b != nullptr ? a[i] * b[i] * c[i] : a[i], _MM_FROUND_TO_NEAREST_INT);
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_loadu_ps(a + i);
     if (b != nullptr) v = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_loadu_ps(b + i)),
                                         _mm256_loadu_ps(c + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    if constexpr (STREAM)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), h);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), h);
   }
-  for (; i < n; ++i) {
-    const float v = b != nullptr ? a[i] * b[i] * c[i] : a[i];
-    d[i].x = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-  }
-}
-#endif
-
-#if defined(__x86_64__)
-// d = a in float16, the 16-byte aligned part of d with non-temporal stores
-// (see stream_copy).
-__attribute__((target("avx,f16c"), noinline)) inline void f16c_stream(const float* a,
-                                                                      c10::Half* d, int64_t n) {
-  int64_t i = 0;
-  for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i)
-    d[i].x = _cvtss_sh(a[i], _MM_FROUND_TO_NEAREST_INT);
-  for (; i + 8 <= n; i += 8)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(a + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) d[i].x = _cvtss_sh(a[i], _MM_FROUND_TO_NEAREST_INT);
+  for (; i < n; ++i)
+    d[i].x = _cvtss_sh(b != nullptr ? a[i] * b[i] * c[i] : a[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
 // d = a in bfloat16 rounded as c10 rounds (to nearest even; any NaN to
@@ -177,7 +168,7 @@ STCCL_ALWAYS_INLINE bool stream_rounded(const float* s, scalar_t* d, int64_t n) 
     return true;
   } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     if (has_f16c()) {
-      f16c_stream(s, d, n);
+      f16c_from_product<true>(s, nullptr, nullptr, d, n);
       return true;
     }
   }
