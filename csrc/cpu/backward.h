@@ -162,18 +162,26 @@ STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int6
                                       const acc_t* dst, const GradientEpilogue<acc_t>& final) {
   using vec = typename Simd<acc_t>::vec;
   constexpr int64_t V = Simd<acc_t>::lanes;
-  for (int64_t cc = 0; cc < count; ++cc) {
-    for (int64_t rr = 0; rr < rows; ++rr) {
-      const acc_t* scale = final.scale + rr * L.Wv;
-      const acc_t* shift = final.shift ? final.shift + rr * L.Wv : nullptr;
-      const acc_t* own = final.own + cc * final.own_cstride + rr * L.WB;
-      const acc_t* total = dst + cc * L.dst_cstride + rr * L.Wv;
-      acc_t* run = final.runs + cc * final.run_cstride + rr * L.W;
-      for (int64_t xb = 0; xb < L.Wv; xb += V)
-        store(run + xb, final.gradient(load(scale + xb), shift ? load(shift + xb) : vec{},
-                                       load(total + xb), own + xb));
+  auto channels = [&](auto shifted) STCCL_LAMBDA_INLINE {
+    constexpr bool SHIFTED = decltype(shifted)::value;
+    for (int64_t cc = 0; cc < count; ++cc) {
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        const acc_t* scale = final.scale + rr * L.Wv;
+        const acc_t* own = final.own + cc * final.own_cstride + rr * L.WB;
+        const acc_t* total = dst + cc * L.dst_cstride + rr * L.Wv;
+        acc_t* run = final.runs + cc * final.run_cstride + rr * L.W;
+        for (int64_t xb = 0; xb < L.Wv; xb += V) {
+          const vec shift = SHIFTED ? load(final.shift + rr * L.Wv + xb) : vec{};
+          store(run + xb, GradientEpilogue<acc_t>::template gradient<SHIFTED>(
+                              load(scale + xb), shift, load(total + xb), own + xb));
+        }
+      }
     }
-  }
+  };
+  if (final.shift)
+    channels(std::true_type{});
+  else
+    channels(std::false_type{});
 }
 
 // dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;
@@ -535,11 +543,12 @@ STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, bool norm
   for (int64_t rr = 0; rr < rows; ++rr) {
     for (int64_t xb = 0; xb < L.Wv; xb += V) {
       const int64_t at = rr * L.WB + xb, p = rr * L.Wv + xb;
+      const vec inv = load(own_band.inv.data() + at0 + at);
+      store(scale + p, inv);
+      if (!normalize) continue;  // no shift, and no pass over the channels for it
       vec dot{};
       for (int64_t c = 0; c < L.C; ++c)
         dot += load(own + c * L.stage_cstride + at) * load(dst + c * L.dst_cstride + p);
-      const vec inv = load(own_band.inv.data() + at0 + at);
-      store(scale + p, inv);
       store(shift + p, load(own_band.pass.data() + at0 + at) * inv * inv * inv * dot);
     }
   }
