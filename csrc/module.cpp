@@ -46,8 +46,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return stccl::cpu::isa_name(stccl::cpu::isa_for_call(W, acc_bytes));
         },
         "The CPU build that runs a call on images W wide, accumulating in acc_bytes.");
-  m.def("_cpu_layout_is_flat", &stccl::cpu::flat_pays,
-        "Whether the automatic rule lays out an (H, W) image flat, in the forward or backward.");
+  m.def("_cpu_layout_is_flat",
+        [](const std::string& pass, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+           int64_t threads) {
+          using stccl::cpu::Pass;
+          TORCH_CHECK(pass == "forward" || pass == "clip_forward" || pass == "backward",
+                      "stccl_ops: unknown pass '", pass, "'");
+          return stccl::cpu::flat_pays(pass == "forward"        ? Pass::Forward
+                                       : pass == "clip_forward" ? Pass::ClipForward
+                                                                : Pass::Backward,
+                                       N, C, H, W, K, threads);
+        },
+        "Whether the automatic rule lays out a pass over (N, C, H, W) images with window K "
+        "flat on `threads` threads ('forward', 'clip_forward' or 'backward').");
   m.def("_cpu_pixel_gather_pays", &stccl::cpu::pixel_gather_pays,
         "Whether the automatic rule gives the backward of C channels and window K the pixel gather.");
 }

@@ -7,7 +7,7 @@ import stccl_ops
 from stccl_ops import _extension, reference
 
 from helpers import (CPU_PATHS, DTYPES, assert_close, check_infinite_and_nan, grads, leaf,
-                     needs_extension)
+                     needs_extension, with_threads)
 
 pytestmark = needs_extension
 
@@ -323,15 +323,62 @@ def cpu_layout(request):
 
 def test_layout_rule_on_both_sides_of_its_thresholds():
     """Flat for rows of at most 16 values on images of at most 512 pixels
-    (the forward: 256); rows past any of the three."""
+    (a forward's: 256); a forward (not a clip's fused one) also for windows of
+    at most 3 x 3 on images of up to 3600 pixels with at least 16 channels and
+    an image per thread; rows past any of them."""
     is_flat = _extension._C._cpu_layout_is_flat
-    assert is_flat(7, 7, True) and is_flat(7, 7, False)
-    assert is_flat(16, 16, True) and not is_flat(17, 16, True)  # forward: 256 pixels
-    assert is_flat(32, 16, False) and not is_flat(33, 16, False)  # backward: 512
-    assert is_flat(1, 16, True) and not is_flat(1, 17, True)  # rows of 16 values
-    assert not is_flat(8, 1024, True) and not is_flat(8, 1024, False)
+
+    def flat(pass_, H, W, N=8, C=64, K=5, threads=2):
+        return is_flat(pass_, N, C, H, W, K, threads)
+
+    for fwd in ("forward", "clip_forward"):  # K = 5: the narrow-row rule alone
+        assert flat(fwd, 7, 7) and flat(fwd, 16, 16) and not flat(fwd, 17, 16)  # 256 pixels
+        assert flat(fwd, 1, 16) and not flat(fwd, 1, 17)  # rows of 16 values
+        assert not flat(fwd, 8, 1024)
+    assert flat("backward", 7, 7, K=3) and flat("backward", 32, 16) and not flat("backward", 33, 16)
+    assert not flat("backward", 1, 17) and not flat("backward", 8, 1024)
+    # the forward's small windows
+    assert flat("forward", 60, 60, K=3) and not flat("forward", 61, 60, K=3)  # 3600 pixels
+    assert flat("forward", 2, 1800, K=3) and flat("forward", 56, 56, K=1)
+    assert not flat("forward", 56, 56, K=5) and not flat("forward", 17, 16, K=5)
+    assert flat("forward", 56, 56, K=3, C=16) and not flat("forward", 56, 56, K=3, C=15)
+    assert flat("forward", 56, 56, K=3, N=4, threads=4) and not flat("forward", 56, 56, K=3, N=3,
+                                                                      threads=4)
+    assert not flat("clip_forward", 56, 56, K=3) and not flat("backward", 56, 56, K=3)
     with pytest.raises(RuntimeError, match="unknown CPU layout"):
         _extension._C._set_cpu_layout("diagonal")
+    with pytest.raises(RuntimeError, match="unknown pass"):
+        is_flat("sideways", 1, 1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size,K,dilation", [((3, 37, 29, 31), 3, 1), ((2, 20, 13, 40), 3, 2),
+                                             ((2, 17, 56, 56), 1, 1), ((2, 19, 12, 21), 5, 1)])
+def test_forward_is_bitwise_the_same_in_both_layouts(dtype, size, K, dilation):
+    """The forward's layout rule reads the thread count (flat has one task per
+    image); the results stay independent of it because each output is summed
+    in the same order either way."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(size, generator=g).to(dtype)
+    b = torch.randn(size, generator=g).to(dtype)
+    results = {}
+    try:
+        for layout in ("rows", "flat"):
+            _extension._C._set_cpu_layout(layout)
+            results[layout] = (stccl_ops.local_correlation(a, b, K, dilation, backend="cpp"),
+                               stccl_ops.spatial_correlation(a, K, dilation, backend="cpp"))
+    finally:
+        _extension._C._set_cpu_layout("auto")
+    for rows, flat in zip(results["rows"], results["flat"]):
+        assert torch.equal(rows, flat)
+    # auto on 2 images: flat on one thread and rows on three where K <= 3
+    N, C, H, W = a[:2].shape
+    is_flat = _extension._C._cpu_layout_is_flat
+    assert is_flat("forward", N, C, H, W, K, 1) != is_flat("forward", N, C, H, W, K, 3) or K > 3
+    for threads in (1, 3):
+        with with_threads(threads):
+            out = stccl_ops.local_correlation(a[:2], b[:2], K, dilation, backend="cpp")
+        assert torch.equal(out, results["rows"][0][:2])
 
 
 def test_pixel_gather_rule_on_both_sides_of_its_thresholds():

@@ -45,14 +45,32 @@ LayoutChoice layout_choice();
 // "auto", "rows", "flat" or "pixels"; raises for an unknown name.
 void set_layout(const std::string& name);
 
+// The passes a layout serves: a forward, a clip's fused forward (which needs
+// a band of every channel staged at once, see Layout::whole_stage), a backward.
+enum class Pass { Forward, ClipForward, Backward };
+
 // The rule of LayoutChoice::Auto, measured in docs/cpu_kernels.md: flat for
 // rows of at most FLAT_MAX_W values, on images of at most FLAT_MAX_PIXELS
 // (the forward: FLAT_MAX_FORWARD_PIXELS). Past those the rows' vectors are
 // mostly full and flat loses the forward's row pairs (one load of b for two
 // rows' FMAs) and, on larger images, the backward's short weight buffers.
+// The forward of a window of at most FLAT_SMALL_WINDOW_K also takes images
+// of any width up to FLAT_MAX_SMALL_WINDOW_PIXELS flat (its window blocks
+// hold all nine sums; rows pay a halo and a partly empty vector per row),
+// given at least FLAT_MIN_CHANNELS channels and an image per thread (flat has
+// one task per image). Its sums are the same in either layout, so reading the
+// thread count leaves the results independent of it. Not a clip's fused
+// forward: flat images of that size no longer fit its whole-band staging.
 constexpr int64_t FLAT_MAX_W = 16, FLAT_MAX_PIXELS = 512, FLAT_MAX_FORWARD_PIXELS = 256;
-inline bool flat_pays(int64_t H, int64_t W, bool forward) {
-  return W <= FLAT_MAX_W && H * W <= (forward ? FLAT_MAX_FORWARD_PIXELS : FLAT_MAX_PIXELS);
+constexpr int64_t FLAT_SMALL_WINDOW_K = 3, FLAT_MAX_SMALL_WINDOW_PIXELS = 3600,
+                  FLAT_MIN_CHANNELS = 16;
+inline bool flat_pays(Pass pass, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                      int64_t threads) {
+  if (pass == Pass::Forward && K <= FLAT_SMALL_WINDOW_K && H * W <= FLAT_MAX_SMALL_WINDOW_PIXELS &&
+      C >= FLAT_MIN_CHANNELS && N >= threads)
+    return true;
+  return W <= FLAT_MAX_W &&
+         H * W <= (pass == Pass::Backward ? FLAT_MAX_PIXELS : FLAT_MAX_FORWARD_PIXELS);
 }
 
 // The backward's pixel gather (every channel's sum in a register, see

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <ATen/Parallel.h>
+
 #include "../index_math.h"
 #include "../window.h"
 #include "isa.h"
@@ -136,8 +138,10 @@ struct Operand {
 // operand's image rows to be one after the other in memory (y stride = W *
 // x stride): channels-first or channels-last, not a column slice.
 //
-// Sizes shared by every task of one call. Nothing here depends on the thread
-// count, so the summation order does not either. In the flat layout the
+// Sizes shared by every task of one call. Nothing here but the forward's
+// choice of layout depends on the thread count, and the forward sums every
+// output in the same order in either layout, so results do not either (see
+// flat_pays). In the flat layout the
 // kernels see an image of one row of H*W values: H and W below are that
 // (1, H*W), image_H and image_W the image's.
 template <typename acc_t>
@@ -166,7 +170,7 @@ struct Layout {
   bool single_gradient_run;  // the backward's too
   int64_t inset;    // where this window's reach starts in staged rows (see stage_pad)
 
-  // forward: the forward pass's layout, with bands at least as tall as the
+  // pass: the forward passes' layouts have bands at least as tall as the
   // halo (2 * pad rows), so that large windows do not re-stage the same rows
   // many times; the backward keeps short bands, whose per-offset weight
   // buffers (band_rows * K*K * W) must stay small. flat_ok: every operand can
@@ -174,18 +178,20 @@ struct Layout {
   // when it is larger than the window's reach (two windows over one staging:
   // both layouts, built with the larger reach, agree on every size but the
   // offsets; the smaller window reads the staged rows from `inset` on).
-  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, bool forward,
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, Pass pass,
          bool flat_ok, int64_t stage_pad = 0)
       : N(N_), C(C_), H(H_), W(W_), K(window.kernel_size), KK(window.offsets()),
         dilation(window.dilation), pad(std::max(window.pad(), stage_pad)), image_H(H_),
         image_W(W_) {
     constexpr int64_t V = Simd<acc_t>::lanes;
+    const bool forward = pass != Pass::Backward;
     const LayoutChoice choice = layout_choice();
     pixel_gather = !forward && C <= PIXEL_GATHER_MAX_CHANNELS &&
                    (choice == LayoutChoice::Pixels ||
                     (choice == LayoutChoice::Auto && pixel_gather_pays(C, K)));
     flat = !pixel_gather && flat_ok && choice != LayoutChoice::Rows &&
-           (choice == LayoutChoice::Flat || flat_pays(H, W, forward));
+           (choice == LayoutChoice::Flat ||
+            flat_pays(pass, N, C, H, W, K, at::get_num_threads()));
     if (flat) {
       H = 1;
       W = image_H * image_W;

@@ -144,7 +144,7 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bo
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, /*forward=*/true, flat_ok(H, W, {&a, &b}));
+    const Layout<acc_t> L(N, C, H, W, w, Pass::Forward, flat_ok(H, W, {&a, &b}));
     const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
                                             out.mutable_data_ptr<scalar_t>(), w.normalize, self,
                                             static_cast<acc_t>(w.eps)};
@@ -162,7 +162,8 @@ Layout<acc_t> clip_layout(const at::Tensor& v, const Window& temporal, const Win
                           bool forward) {
   const auto shape = dims(v);
   const int64_t H = shape[2], W = shape[3];
-  return Layout<acc_t>(shape[0], shape[1], H, W, temporal, forward, flat_ok(H, W, {&v}),
+  return Layout<acc_t>(shape[0], shape[1], H, W, temporal,
+                       forward ? Pass::ClipForward : Pass::Backward, flat_ok(H, W, {&v}),
                        spatial ? spatial->pad() : 0);
 }
 
@@ -172,7 +173,8 @@ template <typename acc_t>
 Layout<acc_t> spatial_layout(const at::Tensor& v, const Window& spatial,
                              const Layout<acc_t>& clip, bool forward) {
   const auto shape = dims(v);
-  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial, forward,
+  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial,
+                  forward ? Pass::ClipForward : Pass::Backward,
                   flat_ok(shape[2], shape[3], {&v}), clip.pad);
   TORCH_INTERNAL_ASSERT(L.WB == clip.WB && L.rows_b == clip.rows_b && L.chunk == clip.chunk &&
                         L.stage_cstride == clip.stage_cstride && L.flat == clip.flat);
@@ -250,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, /*forward=*/false, flat_ok(H, W, {&a, &b}));
+    const Layout<acc_t> L(N, C, H, W, w, Pass::Backward, flat_ok(H, W, {&a, &b}));
     const BackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
         operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
