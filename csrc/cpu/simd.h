@@ -134,14 +134,17 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
 }
 
 // d = a in bfloat16 rounded as c10 rounds (to nearest even; any NaN to
-// 0x7fc0), the 16-byte aligned part of d with non-temporal stores.
+// 0x7fc0), the 16-byte aligned part of d with non-temporal stores, a whole
+// vector of this build at a time (the AVX-512 build took 8 values a step
+// before: about a tenth of the S1 bfloat16 backward's time).
 STCCL_ALWAYS_INLINE void bfloat16_stream(const float* a, c10::BFloat16* d, int64_t n) {
-  typedef uint32_t words __attribute__((vector_size(32)));
-  typedef uint16_t halves __attribute__((vector_size(16)));
-  typedef float floats __attribute__((vector_size(32)));
+  constexpr int64_t V = STCCL_VECTOR_BYTES / 4;
+  typedef uint32_t words __attribute__((vector_size(STCCL_VECTOR_BYTES)));
+  typedef uint16_t halves __attribute__((vector_size(STCCL_VECTOR_BYTES / 2)));
+  typedef float floats __attribute__((vector_size(STCCL_VECTOR_BYTES)));
   int64_t i = 0;
   for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i) d[i] = c10::BFloat16(a[i]);
-  for (; i + 8 <= n; i += 8) {
+  for (; i + V <= n; i += V) {
     floats f;
     __builtin_memcpy(&f, a + i, sizeof(f));
     words u;
@@ -149,9 +152,11 @@ STCCL_ALWAYS_INLINE void bfloat16_stream(const float* a, c10::BFloat16* d, int64
     const words nan = (words)(f != f);
     const words rounded = (u + ((u >> 16) & 1) + 0x7fff) >> 16;
     const halves h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0), halves);
-    __m128i v;
-    __builtin_memcpy(&v, &h, sizeof(v));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v);
+    for (int64_t part = 0; part < int64_t(sizeof(h)); part += 16) {
+      __m128i v;
+      __builtin_memcpy(&v, reinterpret_cast<const char*>(&h) + part, sizeof(v));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(d + i) + part), v);
+    }
   }
   for (; i < n; ++i) d[i] = c10::BFloat16(a[i]);
 }
