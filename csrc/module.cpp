@@ -48,17 +48,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU build that runs a call on images W wide, accumulating in acc_bytes.");
   m.def("_cpu_layout_is_flat",
         [](const std::string& pass, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
-           int64_t threads) {
+           int64_t element_bytes, int64_t threads) {
           using stccl::cpu::Pass;
-          TORCH_CHECK(pass == "forward" || pass == "clip_forward" || pass == "backward",
-                      "stccl_ops: unknown pass '", pass, "'");
-          return stccl::cpu::flat_pays(pass == "forward"        ? Pass::Forward
-                                       : pass == "clip_forward" ? Pass::ClipForward
-                                                                : Pass::Backward,
-                                       N, C, H, W, K, threads);
+          const std::pair<const char*, Pass> passes[] = {{"forward", Pass::Forward},
+                                                        {"clip_forward", Pass::ClipForward},
+                                                        {"backward", Pass::Backward},
+                                                        {"clip_backward", Pass::ClipBackward}};
+          for (const auto& [name, value] : passes)
+            if (pass == name)
+              return stccl::cpu::flat_pays(value, N, C, H, W, K, element_bytes, threads);
+          TORCH_CHECK(false, "stccl_ops: unknown pass '", pass, "'");
         },
-        "Whether the automatic rule lays out a pass over (N, C, H, W) images with window K "
-        "flat on `threads` threads ('forward', 'clip_forward' or 'backward').");
+        "Whether the automatic rule lays out a pass over (N, C, H, W) images of elements of "
+        "element_bytes with window K flat on `threads` threads ('forward', 'clip_forward', "
+        "'backward' or 'clip_backward').");
   m.def("_cpu_pixel_gather_pays", &stccl::cpu::pixel_gather_pays,
         "Whether the automatic rule gives the backward of C channels and window K the pixel gather.");
 }

@@ -323,20 +323,22 @@ def cpu_layout(request):
 
 def test_layout_rule_on_both_sides_of_its_thresholds():
     """Flat for rows of at most 16 values on images of at most 512 pixels
-    (a forward's: 256); a forward (not a clip's fused one) also for windows of
-    at most 3 x 3 on images of up to 3600 pixels with at least 16 channels and
-    an image per thread; rows past any of them."""
+    (a forward's: 256); windows of at most 3 x 3 with at least 16 channels
+    and an image per thread also on images of up to 3600 pixels (a forward)
+    or of up to 7200 bytes a channel (a backward), not in a clip's fused
+    passes; rows past any of them."""
     is_flat = _extension._C._cpu_layout_is_flat
 
-    def flat(pass_, H, W, N=8, C=64, K=5, threads=2):
-        return is_flat(pass_, N, C, H, W, K, threads)
+    def flat(pass_, H, W, N=8, C=64, K=5, threads=2, element_bytes=4):
+        return is_flat(pass_, N, C, H, W, K, element_bytes, threads)
 
     for fwd in ("forward", "clip_forward"):  # K = 5: the narrow-row rule alone
         assert flat(fwd, 7, 7) and flat(fwd, 16, 16) and not flat(fwd, 17, 16)  # 256 pixels
         assert flat(fwd, 1, 16) and not flat(fwd, 1, 17)  # rows of 16 values
         assert not flat(fwd, 8, 1024)
-    assert flat("backward", 7, 7, K=3) and flat("backward", 32, 16) and not flat("backward", 33, 16)
-    assert not flat("backward", 1, 17) and not flat("backward", 8, 1024)
+    for bwd in ("backward", "clip_backward"):
+        assert flat(bwd, 7, 7) and flat(bwd, 32, 16) and not flat(bwd, 33, 16)  # 512 pixels
+        assert not flat(bwd, 1, 17) and not flat(bwd, 8, 1024)
     # the forward's small windows
     assert flat("forward", 60, 60, K=3) and not flat("forward", 61, 60, K=3)  # 3600 pixels
     assert flat("forward", 2, 1800, K=3) and flat("forward", 56, 56, K=1)
@@ -344,11 +346,21 @@ def test_layout_rule_on_both_sides_of_its_thresholds():
     assert flat("forward", 56, 56, K=3, C=16) and not flat("forward", 56, 56, K=3, C=15)
     assert flat("forward", 56, 56, K=3, N=4, threads=4) and not flat("forward", 56, 56, K=3, N=3,
                                                                       threads=4)
-    assert not flat("clip_forward", 56, 56, K=3) and not flat("backward", 56, 56, K=3)
+    # the backward's: 3600 pixels of a half type, 1800 of float32, 900 of float64
+    for element_bytes, (H, W) in ((2, (60, 60)), (4, (40, 45)), (8, (30, 30))):
+        assert flat("backward", H, W, K=3, element_bytes=element_bytes)
+        assert not flat("backward", H, W + 1, K=3, element_bytes=element_bytes)
+        assert flat("backward", 1, H * W, K=1, element_bytes=element_bytes)
+        assert not flat("backward", H, W, K=5, element_bytes=element_bytes)
+    assert flat("backward", 40, 40, K=3, C=16) and not flat("backward", 40, 40, K=3, C=15)
+    assert flat("backward", 40, 40, K=3, N=4, threads=4) and not flat("backward", 40, 40, K=3,
+                                                                        N=3, threads=4)
+    for clip in ("clip_forward", "clip_backward"):
+        assert not flat(clip, 56, 56, K=3, element_bytes=2) and not flat(clip, 20, 20, K=3)
     with pytest.raises(RuntimeError, match="unknown CPU layout"):
         _extension._C._set_cpu_layout("diagonal")
     with pytest.raises(RuntimeError, match="unknown pass"):
-        is_flat("sideways", 1, 1, 1, 1, 1, 1)
+        is_flat("sideways", 1, 1, 1, 1, 1, 4, 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -374,11 +386,54 @@ def test_forward_is_bitwise_the_same_in_both_layouts(dtype, size, K, dilation):
     # auto on 2 images: flat on one thread and rows on three where K <= 3
     N, C, H, W = a[:2].shape
     is_flat = _extension._C._cpu_layout_is_flat
-    assert is_flat("forward", N, C, H, W, K, 1) != is_flat("forward", N, C, H, W, K, 3) or K > 3
+    bytes_ = a.element_size()
+    assert (is_flat("forward", N, C, H, W, K, bytes_, 1) != is_flat("forward", N, C, H, W, K,
+                                                                     bytes_, 3) or K > 3)
     for threads in (1, 3):
         with with_threads(threads):
             out = stccl_ops.local_correlation(a[:2], b[:2], K, dilation, backend="cpp")
         assert torch.equal(out, results["rows"][0][:2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("size,K,dilation", [((2, 17, 29, 31), 3, 1), ((2, 20, 13, 40), 3, 2),
+                                             ((2, 16, 24, 24), 1, 1)])
+def test_backward_is_bitwise_the_same_in_both_layouts(dtype, normalize, size, K, dilation):
+    """As the forward: the backward's rule for small windows reads the thread
+    count, and each gradient sums its window's terms in the same order in
+    either layout (both operands' and a self-correlation's)."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(size, generator=g).to(dtype)
+    b = torch.randn(size, generator=g).to(dtype)
+    grad_out = torch.randn(size[0], K * K, *size[2:], generator=g).to(dtype)
+
+    def gradients():
+        local = grads(lambda p, q: stccl_ops.local_correlation(p, q, K, dilation, normalize,
+                                                                backend="cpp"),
+                      (leaf(a), leaf(b)), grad_out)[1]
+        self_ = grads(lambda x: stccl_ops.spatial_correlation(x, K, dilation, normalize,
+                                                               backend="cpp"),
+                      (leaf(a),), grad_out)[1]
+        return local + self_
+
+    results = {}
+    try:
+        for layout in ("rows", "flat"):
+            _extension._C._set_cpu_layout(layout)
+            results[layout] = gradients()
+    finally:
+        _extension._C._set_cpu_layout("auto")
+    for rows, flat in zip(results["rows"], results["flat"]):
+        assert torch.equal(rows, flat)
+    N, C, H, W = size
+    is_flat = _extension._C._cpu_layout_is_flat
+    flat_on = [is_flat("backward", N, C, H, W, K, a.element_size(), t) for t in (1, 3)]
+    assert flat_on == [True, False]  # auto: flat on one thread, rows on three
+    for threads in (1, 3):
+        with with_threads(threads):
+            for mine, rows in zip(gradients(), results["rows"]):
+                assert torch.equal(mine, rows)
 
 
 def test_pixel_gather_rule_on_both_sides_of_its_thresholds():

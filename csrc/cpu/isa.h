@@ -45,32 +45,41 @@ LayoutChoice layout_choice();
 // "auto", "rows", "flat" or "pixels"; raises for an unknown name.
 void set_layout(const std::string& name);
 
-// The passes a layout serves: a forward, a clip's fused forward (which needs
-// a band of every channel staged at once, see Layout::whole_stage), a backward.
-enum class Pass { Forward, ClipForward, Backward };
+// The passes a layout serves: a forward, a backward, and a clip's fused
+// forward and backward (whose temporal and spatial windows share one staging
+// of the bands, so that their layouts may not depend on the window).
+enum class Pass { Forward, ClipForward, Backward, ClipBackward };
 
 // The rule of LayoutChoice::Auto, measured in docs/cpu_kernels.md: flat for
 // rows of at most FLAT_MAX_W values, on images of at most FLAT_MAX_PIXELS
-// (the forward: FLAT_MAX_FORWARD_PIXELS). Past those the rows' vectors are
+// (the forwards: FLAT_MAX_FORWARD_PIXELS). Past those the rows' vectors are
 // mostly full and flat loses the forward's row pairs (one load of b for two
 // rows' FMAs) and, on larger images, the backward's short weight buffers.
-// The forward of a window of at most FLAT_SMALL_WINDOW_K also takes images
-// of any width up to FLAT_MAX_SMALL_WINDOW_PIXELS flat (its window blocks
-// hold all nine sums; rows pay a halo and a partly empty vector per row),
-// given at least FLAT_MIN_CHANNELS channels and an image per thread (flat has
-// one task per image). Its sums are the same in either layout, so reading the
-// thread count leaves the results independent of it. Not a clip's fused
-// forward: flat images of that size no longer fit its whole-band staging.
+// A window of at most FLAT_SMALL_WINDOW_K also goes flat on images of any
+// width, given at least FLAT_MIN_CHANNELS channels and an image per thread
+// (flat has one task per image): the forward up to
+// FLAT_MAX_SMALL_WINDOW_PIXELS (its window blocks hold all nine sums; rows
+// pay a halo and a partly empty vector per row), the backward while a
+// channel's image takes at most FLAT_MAX_SMALL_WINDOW_BACKWARD_BYTES in the
+// inputs' type (3600 pixels of a half type, 1800 of float32, 900 of float64:
+// flat stages and converts whole images in one run, rows a band at a time
+// with its halo, and flat's staged chunk outgrows the caches on larger
+// images). Both passes' results are bitwise the same in either layout, so
+// reading the thread count leaves them independent of it. Not a clip's
+// fused passes: flat images of that size no longer fit their whole-band
+// staging.
 constexpr int64_t FLAT_MAX_W = 16, FLAT_MAX_PIXELS = 512, FLAT_MAX_FORWARD_PIXELS = 256;
 constexpr int64_t FLAT_SMALL_WINDOW_K = 3, FLAT_MAX_SMALL_WINDOW_PIXELS = 3600,
-                  FLAT_MIN_CHANNELS = 16;
+                  FLAT_MAX_SMALL_WINDOW_BACKWARD_BYTES = 7200, FLAT_MIN_CHANNELS = 16;
 inline bool flat_pays(Pass pass, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
-                      int64_t threads) {
-  if (pass == Pass::Forward && K <= FLAT_SMALL_WINDOW_K && H * W <= FLAT_MAX_SMALL_WINDOW_PIXELS &&
-      C >= FLAT_MIN_CHANNELS && N >= threads)
-    return true;
-  return W <= FLAT_MAX_W &&
-         H * W <= (pass == Pass::Backward ? FLAT_MAX_PIXELS : FLAT_MAX_FORWARD_PIXELS);
+                      int64_t element_bytes, int64_t threads) {
+  if (K <= FLAT_SMALL_WINDOW_K && C >= FLAT_MIN_CHANNELS && N >= threads) {
+    if (pass == Pass::Forward && H * W <= FLAT_MAX_SMALL_WINDOW_PIXELS) return true;
+    if (pass == Pass::Backward && H * W * element_bytes <= FLAT_MAX_SMALL_WINDOW_BACKWARD_BYTES)
+      return true;
+  }
+  const bool backward = pass == Pass::Backward || pass == Pass::ClipBackward;
+  return W <= FLAT_MAX_W && H * W <= (backward ? FLAT_MAX_PIXELS : FLAT_MAX_FORWARD_PIXELS);
 }
 
 // The backward's pixel gather (every channel's sum in a register, see

@@ -179,19 +179,19 @@ struct Layout {
   // both layouts, built with the larger reach, agree on every size but the
   // offsets; the smaller window reads the staged rows from `inset` on).
   Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, const Window& window, Pass pass,
-         bool flat_ok, int64_t stage_pad = 0)
+         int64_t element_bytes, bool flat_ok, int64_t stage_pad = 0)
       : N(N_), C(C_), H(H_), W(W_), K(window.kernel_size), KK(window.offsets()),
         dilation(window.dilation), pad(std::max(window.pad(), stage_pad)), image_H(H_),
         image_W(W_) {
     constexpr int64_t V = Simd<acc_t>::lanes;
-    const bool forward = pass != Pass::Backward;
+    const bool forward = pass == Pass::Forward || pass == Pass::ClipForward;
     const LayoutChoice choice = layout_choice();
     pixel_gather = !forward && C <= PIXEL_GATHER_MAX_CHANNELS &&
                    (choice == LayoutChoice::Pixels ||
                     (choice == LayoutChoice::Auto && pixel_gather_pays(C, K)));
     flat = !pixel_gather && flat_ok && choice != LayoutChoice::Rows &&
            (choice == LayoutChoice::Flat ||
-            flat_pays(pass, N, C, H, W, K, at::get_num_threads()));
+            flat_pays(pass, N, C, H, W, K, element_bytes, at::get_num_threads()));
     if (flat) {
       H = 1;
       W = image_H * image_W;

@@ -144,7 +144,8 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bo
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, Pass::Forward, flat_ok(H, W, {&a, &b}));
+    const Layout<acc_t> L(N, C, H, W, w, Pass::Forward, a.element_size(),
+                          flat_ok(H, W, {&a, &b}));
     const ForwardArgs<scalar_t, acc_t> args{operand<scalar_t>(a), operand<scalar_t>(b),
                                             out.mutable_data_ptr<scalar_t>(), w.normalize, self,
                                             static_cast<acc_t>(w.eps)};
@@ -159,22 +160,20 @@ at::Tensor forward(const at::Tensor& a, const at::Tensor& b, const Window& w, bo
 // the spatial one (`spatial`, may be null) is computed in the same pass.
 template <typename acc_t>
 Layout<acc_t> clip_layout(const at::Tensor& v, const Window& temporal, const Window* spatial,
-                          bool forward) {
+                          Pass pass) {
   const auto shape = dims(v);
   const int64_t H = shape[2], W = shape[3];
-  return Layout<acc_t>(shape[0], shape[1], H, W, temporal,
-                       forward ? Pass::ClipForward : Pass::Backward, flat_ok(H, W, {&v}),
-                       spatial ? spatial->pad() : 0);
+  return Layout<acc_t>(shape[0], shape[1], H, W, temporal, pass, v.element_size(),
+                       flat_ok(H, W, {&v}), spatial ? spatial->pad() : 0);
 }
 
 // The spatial window's layout over the same staged bands as `clip` (see
 // Layout's stage_pad): every size but the offsets agrees.
 template <typename acc_t>
 Layout<acc_t> spatial_layout(const at::Tensor& v, const Window& spatial,
-                             const Layout<acc_t>& clip, bool forward) {
+                             const Layout<acc_t>& clip, Pass pass) {
   const auto shape = dims(v);
-  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial,
-                  forward ? Pass::ClipForward : Pass::Backward,
+  Layout<acc_t> L(clip.N, shape[1], shape[2], shape[3], spatial, pass, v.element_size(),
                   flat_ok(shape[2], shape[3], {&v}), clip.pad);
   TORCH_INTERNAL_ASSERT(L.WB == clip.WB && L.rows_b == clip.rows_b && L.chunk == clip.chunk &&
                         L.stage_cstride == clip.stage_cstride && L.flat == clip.flat);
@@ -189,11 +188,11 @@ template <typename scalar_t>
 bool clip_forward(const at::Tensor& v, const Window& wt, const Window* ws, int64_t frame_stride,
                   at::Tensor& temporal, at::Tensor& spatial) {
   using acc_t = at::opmath_type<scalar_t>;
-  Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, /*forward=*/true);
+  Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, Pass::ClipForward);
   if (!L.whole_stage) return false;
   const int64_t T = v.size(1), pairs = T - frame_stride;
   std::optional<Layout<acc_t>> Ls;
-  if (ws) Ls.emplace(spatial_layout<acc_t>(v, *ws, L, /*forward=*/true));
+  if (ws) Ls.emplace(spatial_layout<acc_t>(v, *ws, L, Pass::ClipForward));
   temporal = result(correlation_shape(frame_pairs(v, frame_stride).first, wt.kernel_size),
                     v.options());
   if (ws) spatial = result(correlation_shape(v, ws->kernel_size), v.options());
@@ -252,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   const int64_t N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "local_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L(N, C, H, W, w, Pass::Backward, flat_ok(H, W, {&a, &b}));
+    const Layout<acc_t> L(N, C, H, W, w, Pass::Backward, a.element_size(),
+                          flat_ok(H, W, {&a, &b}));
     const BackwardArgs<scalar_t, acc_t> args{
         operand<scalar_t>(grad_out), operand<scalar_t>(out), operand<scalar_t>(a),
         operand<scalar_t>(b), need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
@@ -274,10 +274,10 @@ at::Tensor clip_backward(const at::Tensor& grad_spatial, const at::Tensor& grad_
   if (grad.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "clip_correlation_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, /*forward=*/false);
+    const Layout<acc_t> L = clip_layout<acc_t>(v, wt, ws, Pass::ClipBackward);
     std::optional<Layout<acc_t>> Ls;
     if (ws && grad_spatial.defined())
-      Ls.emplace(spatial_layout<acc_t>(v, *ws, L, /*forward=*/false));
+      Ls.emplace(spatial_layout<acc_t>(v, *ws, L, Pass::ClipBackward));
     auto maybe = [](const at::Tensor& t) {
       return t.defined() ? operand<scalar_t>(t) : Operand<scalar_t>{nullptr, {}, nullptr};
     };
