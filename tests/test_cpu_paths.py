@@ -395,6 +395,25 @@ def test_forward_is_bitwise_the_same_in_both_layouts(dtype, size, K, dilation):
         assert torch.equal(out, results["rows"][0][:2])
 
 
+@pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("K", [3, 5])
+def test_forward_reads_a_in_place_as_it_stages_it(cpu_layout, dtype, normalize, K):
+    """The forward reads a contiguous a where it lies (its whole vectors past
+    each row's end too) and stages a channels_last one; the results are the
+    same bits, and the images' last rows (nothing readable after the storage's
+    last one) take the staged path."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 33, 11, 13, generator=g).to(dtype)
+    b = torch.randn(3, 33, 11, 13, generator=g).to(dtype)
+    a_last = a.contiguous(memory_format=torch.channels_last)
+    in_place = stccl_ops.local_correlation(a, b, K, normalize=normalize, backend="cpp")
+    staged = stccl_ops.local_correlation(a_last, b, K, normalize=normalize, backend="cpp")
+    assert torch.equal(in_place, staged)
+    assert_close(in_place, reference.local_correlation(a, b, K, normalize=normalize))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("size,K,dilation", [((2, 17, 29, 31), 3, 1), ((2, 20, 13, 40), 3, 2),

@@ -328,12 +328,12 @@ STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load_as(const scalar_t* p) {
 }
 
 // Stores the vectors of CHANNELS channels at x of their staged rows (d,
-// d_cstride apart) and adds their squares to q unless null. Where the row
-// ends inside them (`left` < V values left), the lanes past it are zeroed
-// first, so d and q receive zeros up to the next whole vector. Two channels
-// load and store q once for both (the squares are added in channel order, as
-// one at a time would).
-template <int CHANNELS, typename acc_t>
+// d_cstride apart; not with STORE false, for the squares alone) and adds their
+// squares to q unless null. Where the row ends inside them (`left` < V values
+// left), the lanes past it are zeroed first, so d and q receive zeros up to the
+// next whole vector. Two channels load and store q once for both (the squares
+// are added in channel order, as one at a time would).
+template <int CHANNELS, typename acc_t, bool STORE = true>
 STCCL_ALWAYS_INLINE void store_staged(typename Simd<acc_t>::vec (&v)[CHANNELS], int64_t left,
                                       acc_t* d, int64_t d_cstride, acc_t* q) {
   using vec = typename Simd<acc_t>::vec;
@@ -346,7 +346,8 @@ STCCL_ALWAYS_INLINE void store_staged(typename Simd<acc_t>::vec (&v)[CHANNELS], 
     const lanes_vec keep = lane < static_cast<lane_t>(left);
     for (int c = 0; c < CHANNELS; ++c) v[c] = keep ? v[c] : vec{};
   }
-  for (int c = 0; c < CHANNELS; ++c) store(d + c * d_cstride, v[c]);
+  if constexpr (STORE)
+    for (int c = 0; c < CHANNELS; ++c) store(d + c * d_cstride, v[c]);
   if (q != nullptr) {
     vec sum = load(q);
     for (int c = 0; c < CHANNELS; ++c) sum += v[c] * v[c];
@@ -358,15 +359,17 @@ STCCL_ALWAYS_INLINE void store_staged(typename Simd<acc_t>::vec (&v)[CHANNELS], 
 // d (d_cstride apart) in acc_t, with their squares added to q unless null
 // (see store_staged), in whole vectors: the last vector reads past the row
 // (the caller checks that this memory exists). A scalar tail costs more than
-// the vectors of a short row (W = 14: half the staging time).
-template <int CHANNELS, typename scalar_t, typename acc_t>
+// the vectors of a short row (W = 14: half the staging time). STORE false:
+// the squares alone (d is not used).
+template <int CHANNELS, typename scalar_t, typename acc_t, bool STORE = true>
 STCCL_ALWAYS_INLINE void stage_row_vectors(const scalar_t* s, int64_t s_cstride, int64_t W,
                                            acc_t* d, int64_t d_cstride, acc_t* q) {
   constexpr int64_t V = Simd<acc_t>::lanes;
   for (int64_t x = 0; x < W; x += V) {
     typename Simd<acc_t>::vec v[CHANNELS];
     for (int c = 0; c < CHANNELS; ++c) v[c] = load_as<acc_t>(s + c * s_cstride + x);
-    store_staged<CHANNELS>(v, W - x, d + x, d_cstride, q != nullptr ? q + x : nullptr);
+    store_staged<CHANNELS, acc_t, STORE>(v, W - x, STORE ? d + x : d, d_cstride,
+                                         q != nullptr ? q + x : nullptr);
   }
 }
 
@@ -480,6 +483,48 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
           if (q != nullptr) q[x] += v * v;
         }
       }
+    }
+    cc += channels;
+  }
+}
+
+// Rows [y0, y0 + rows) of channels [c0, c0 + count) of image n where they lie
+// (channel c0's first row; channels strides.c and rows strides.y apart), for
+// an operand read without a halo (the forward's a): null unless they are in
+// acc_t, contiguous along x, and whole vectors from each row's start lie in
+// its storage (the lanes past a row read what follows it, which only reaches
+// lanes that are never written out). Staging copies every value once more
+// through the cache: reading a in place took the flat forward of 20 x 256 x
+// 14 x 14 from 0.79 to 0.64 ms in float64 (docs/cpu_kernels.md).
+template <typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE const acc_t* rows_in_place(const Operand<scalar_t>& src,
+                                               const Layout<acc_t>& L, int64_t n, int64_t c0,
+                                               int64_t count, int64_t y0, int64_t rows) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // With strides >= 0 the last row of the last channel starts last.
+    if (src.strides.x == 1 && src.end - src.row(n, c0 + count - 1, y0 + rows - 1) >= L.Wv)
+      return src.row(n, c0, y0);
+  }
+  return nullptr;
+}
+
+// Adds the squares of rows read in place (see rows_in_place) to
+// sum_sq[row][x] (rows `width` apart), in the order stage_rows adds them.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void add_squares(const Operand<acc_t>& src, const Layout<acc_t>& L, int64_t n,
+                                     int64_t c0, int64_t count, int64_t y0, int64_t rows,
+                                     int64_t width, acc_t* sum_sq) {
+  const int64_t sc = src.strides.c;
+  for (int64_t cc = 0; cc < count;) {
+    const int64_t channels = cc + 1 < count ? 2 : 1;
+    const acc_t* channel = src.row(n, c0 + cc, 0);
+    for (int64_t c = 0; c < channels; ++c)
+      prefetch_ahead(src, L, c0 + cc + c, channel + c * sc, y0, rows);
+    for (int64_t row = 0; row < rows; ++row) {
+      const acc_t* s = channel + (y0 + row) * src.strides.y;
+      acc_t* q = sum_sq + row * width;
+      if (channels == 2) stage_row_vectors<2, acc_t, acc_t, false>(s, sc, L.W, nullptr, 0, q);
+      else stage_row_vectors<1, acc_t, acc_t, false>(s, sc, L.W, nullptr, 0, q);
     }
     cc += channels;
   }
