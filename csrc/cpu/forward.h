@@ -265,17 +265,20 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
     if (args.self) {
       correlate_chunk<ROW_PAIRS>(L, true, rows, count, b_stage + L.own_offset(),
                                  L.stage_cstride, WB, b_stage, acc);
-    } else if (const acc_t* a_rows = a_in_place ? rows_in_place(args.a, L, n, c0, count, y0, rows)
-                                                 : nullptr) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>)  // (as rows_in_place found them)
-        if (args.normalize) add_squares(args.a, L, n, c0, count, y0, rows, Wv, inv_a);
-      correlate_chunk<ROW_PAIRS>(L, false, rows, count, a_rows, args.a.strides.c,
-                                 args.a.strides.y, b_stage, acc);
     } else {
-      stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
-                 args.normalize ? inv_a : nullptr);
-      correlate_chunk<ROW_PAIRS>(L, false, rows, count, ws.a_stage.data(), L.a_cstride, Wv,
-                                 b_stage, acc);
+      const acc_t* a_rows = a_in_place ? rows_in_place(args.a, L, n, c0, count, y0, rows) : nullptr;
+      int64_t a_cstride = args.a.strides.c, a_rstride = args.a.strides.y;
+      if (a_rows == nullptr) {
+        stage_rows(args.a, L, n, c0, count, y0, rows, L.a_cstride, 0, Wv, ws.a_stage.data(),
+                   args.normalize ? inv_a : nullptr);
+        a_rows = ws.a_stage.data();
+        a_cstride = L.a_cstride;
+        a_rstride = Wv;
+      } else if constexpr (std::is_same_v<scalar_t, acc_t>) {  // (as rows_in_place found them)
+        if (args.normalize) add_squares(args.a, L, n, c0, count, y0, rows, Wv, inv_a);
+      }
+      correlate_chunk<ROW_PAIRS>(L, false, rows, count, a_rows, a_cstride, a_rstride, b_stage,
+                                 acc);
     }
   }
 
