@@ -414,6 +414,36 @@ def test_forward_reads_a_in_place_as_it_stages_it(cpu_layout, dtype, normalize, 
     assert_close(in_place, reference.local_correlation(a, b, K, normalize=normalize))
 
 
+@pytest.mark.parametrize("cpu_layout", ["flat"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("size,K,dilation", [((3, 33, 14, 14), 3, 1), ((2, 20, 13, 17), 3, 2),
+                                             ((2, 18, 12, 12), 5, 1), ((2, 16, 9, 9), 1, 1),
+                                             ((2, 16, 3, 4), 3, 1)])
+def test_raw_flat_backward_reads_inside_in_place_as_it_stages(cpu_layout, dtype, size, K,
+                                                              dilation):
+    """The raw flat backward reads contiguous operands where they lie for the
+    vectors whose window is inside the image and stages only the edges; a
+    channels_last pair is staged whole. Same bits, and as the reference
+    (images too small for any inside vector: staged whole either way)."""
+    g = torch.Generator().manual_seed(8)
+    a, b = (torch.randn(size, generator=g).to(dtype) for _ in range(2))
+    grad_out = torch.randn(size[0], K * K, *size[2:], generator=g).to(dtype)
+
+    def gradients(p, q):
+        return grads(lambda x, y: stccl_ops.local_correlation(x, y, K, dilation, False,
+                                                              backend="cpp"),
+                     (leaf(p), leaf(q)), grad_out)[1]
+
+    in_place = gradients(a, b)
+    last = torch.channels_last
+    staged = gradients(a.contiguous(memory_format=last), b.contiguous(memory_format=last))
+    want = grads(lambda x, y: reference.local_correlation(x, y, K, dilation, False),
+                 (leaf(a), leaf(b)), grad_out)[1]
+    for mine, other, expected in zip(in_place, staged, want):
+        assert torch.equal(mine, other)
+        assert_close(mine, expected, "grad")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("size,K,dilation", [((2, 17, 29, 31), 3, 1), ((2, 20, 13, 40), 3, 2),

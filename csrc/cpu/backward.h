@@ -188,13 +188,26 @@ STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int6
 // with `final` (positioned at the band's first row), the last term of a
 // gradient: the sums go on through the epilogue into its runs.
 // ROW_PAIRS: the native builds' row-pair gather (see gather_pair_block).
+// other_in_place: in the flat layout, the chunk's first channel of the other
+// operand where it lies (channels in_place_cstride apart), read by the
+// vectors inside the image (Layout::interior_lo/hi; see stage_edges), or null.
 template <bool ROW_PAIRS, typename acc_t>
 STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int64_t count,
-                                      const acc_t* w, const acc_t* other_stage, acc_t* dst,
-                                      bool accumulate, const GradientEpilogue<acc_t>* final) {
+                                      const acc_t* w, const acc_t* other_stage,
+                                      const acc_t* other_in_place, int64_t in_place_cstride,
+                                      acc_t* dst, bool accumulate,
+                                      const GradientEpilogue<acc_t>* final) {
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t K = L.K, KK = L.KK, d = L.dilation, W = L.W, Wv = L.Wv, WB = L.WB;
   const int64_t step = L.row_step;
+  const int64_t inside_lo = other_in_place ? L.interior_lo() : 0;
+  const int64_t inside_hi = other_in_place ? L.interior_hi() : 0;
+  // Where the window of row rr's x vector xb starts, and its channel stride.
+  auto other_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
+    if (xb >= inside_lo && xb < inside_hi)
+      return std::pair<const acc_t*, int64_t>(other_in_place + (xb - L.pad_x), in_place_cstride);
+    return std::pair<const acc_t*, int64_t>(other_stage + rr * WB + xb, L.stage_cstride);
+  };
   // The epilogue at row rr, x vector xb.
   auto epilogue_at = [&](int64_t rr, int64_t xb) STCCL_LAMBDA_INLINE {
     GradientEpilogue<acc_t> e{};
@@ -209,13 +222,13 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
       for (int64_t rr = 0; rr < rows; ++rr) {
         for (int64_t xb = 0; xb < Wv; xb += V) {
           const acc_t* w_vec = w + rr * KK * Wv + xb;
-          const acc_t* x_vec = other_stage + rr * WB + xb;
+          const auto [x_vec, x_cstride] = other_at(rr, xb);
           acc_t* d_vec = dst + rr * Wv + xb;
           const GradientEpilogue<acc_t> e = epilogue_at(rr, xb);
           auto run = [&](auto kw, auto is_final) STCCL_LAMBDA_INLINE {
             gather_window<decltype(kw)::value, DIL, decltype(is_final)::value>(
-                w_vec, Wv, x_vec, L.stage_cstride, step, d, count, d_vec, L.dst_cstride,
-                accumulate, e);
+                w_vec, Wv, x_vec, x_cstride, step, d, count, d_vec, L.dst_cstride, accumulate,
+                e);
           };
           using one = std::integral_constant<int, 1>;
           using three = std::integral_constant<int, 3>;
@@ -244,19 +257,20 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
         for (int64_t xb = 0; xb < Wv; xb += V) {
           const acc_t* w0 = w + (rr * KK + i * K) * Wv + xb;
           const acc_t* w1 = w + ((rr + d) * KK + (i - 1) * K) * Wv + xb;
-          const acc_t* x_vec = other_stage + rr * WB + i * d * step + xb;
+          const auto [x_row, x_cstride] = other_at(rr, xb);
+          const acc_t* x_vec = x_row + i * d * step;
           acc_t* dst0 = dst + rr * Wv + xb;
           acc_t* dst1 = dst + (rr + d) * Wv + xb;
           if constexpr (ROW_PAIRS) {
             if (row0 && row1) {
               STCCL_BLOCKED(gather_pair_block, MAX_PAIR_GATHER_BLOCK, DIL, K, w0 + j0 * Wv,
-                            w1 + j0 * Wv, Wv, x_vec + j0 * d, L.stage_cstride, d, count, dst0,
+                            w1 + j0 * Wv, Wv, x_vec + j0 * d, x_cstride, d, count, dst0,
                             dst1, L.dst_cstride);
               continue;
             }
           }
           STCCL_BLOCKED(gather_block, MAX_BLOCK, DIL, K, (row0 ? w0 : w1) + j0 * Wv, Wv,
-                        x_vec + j0 * d, L.stage_cstride, d, count, row0 ? dst0 : dst1,
+                        x_vec + j0 * d, x_cstride, d, count, row0 ? dst0 : dst1,
                         L.dst_cstride);
         }
       }
@@ -602,25 +616,45 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
                      A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(),
                      ws.volume_rows.data());
+  // Raw mode's flat layout reads each chunk where it lies for the vectors
+  // inside the image and stages only the edges (the epilogue reads no `own`
+  // rows there): staging went through the cache once more for every value.
+  const bool in_place = !args.normalize && L.flat && L.interior_lo() < L.interior_hi();
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    const acc_t* a_rows = stage_chunk(args.a, L, n, c0, count, y0, rows_b, a_stage);
-    const acc_t* b_rows = two ? stage_chunk(args.b, L, n, c0, count, y0, rows_b, b_stage) : a_rows;
+    // An operand's chunk: staged, or where it lies (then with its edges
+    // staged) with its channel stride.
+    auto chunk_rows = [&](const Operand<scalar_t>& v, acc_t* stage) STCCL_LAMBDA_INLINE {
+      const acc_t* where = in_place ? rows_in_place(v, L, n, c0, count, 0, 1) : nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // (as rows_in_place found them)
+        if (where) {
+          stage_edges(v, L, n, c0, count, stage);
+          return std::tuple<const acc_t*, const acc_t*, int64_t>(stage, where, v.strides.c);
+        }
+      }
+      return std::tuple<const acc_t*, const acc_t*, int64_t>(
+          stage_chunk(v, L, n, c0, count, y0, rows_b, stage), nullptr, 0);
+    };
+    const auto a_rows = chunk_rows(args.a, a_stage);
+    const auto b_rows = two ? chunk_rows(args.b, b_stage) : a_rows;
     // One gradient's chunk: gathered from the other operand's rows, finished
     // with its own.
     auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
-                        const acc_t* own_rows, const acc_t* other_rows,
+                        const acc_t* own_rows, const auto& other,
                         scalar_t* grad) STCCL_LAMBDA_INLINE {
       const GradientEpilogue<acc_t> final{scale, args.normalize ? shift : nullptr,
                                           own_rows + L.own_offset(), L.stage_cstride,
                                           ws.runs.data(), L.run_cstride};
-      gather_chunk<ROW_PAIRS>(L, rows, count, w, other_rows, ws.dst.data(), false, &final);
+      gather_chunk<ROW_PAIRS>(L, rows, count, w, std::get<0>(other), std::get<1>(other),
+                              std::get<2>(other), ws.dst.data(), false, &final);
       write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
     };
     if (args.grad_a)
-      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), a_rows, b_rows, args.grad_a);
+      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), std::get<0>(a_rows), b_rows,
+               args.grad_a);
     if (args.grad_b)
-      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), b_rows, a_rows, args.grad_b);
+      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), std::get<0>(b_rows), a_rows,
+               args.grad_b);
   }
 }
 

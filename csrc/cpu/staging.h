@@ -264,6 +264,17 @@ struct Layout {
   }
   // Where a band's first pixel lies in its staged rows (with the halo).
   int64_t own_offset() const { return pad_y * WB + pad_x; }
+  // The flat layout's x vectors whose window lies inside the image, [lo, hi)
+  // (none when hi <= lo): from xb their neighbours span pixels [xb - pad_x,
+  // xb + V - 1 + pad_x].
+  int64_t interior_lo() const {
+    constexpr int64_t V = Simd<acc_t>::lanes;
+    return (pad_x + V - 1) / V * V;
+  }
+  int64_t interior_hi() const {
+    constexpr int64_t V = Simd<acc_t>::lanes;
+    return W - pad_x - V < 0 ? 0 : (W - pad_x - V) / V * V + V;
+  }
   // The image rows of a band of `rows` rows (flat: the image's).
   int64_t image_rows(int64_t rows) const { return flat ? image_H : rows; }
 };
@@ -527,6 +538,26 @@ STCCL_ALWAYS_INLINE void add_squares(const Operand<acc_t>& src, const Layout<acc
       else stage_row_vectors<1, acc_t, acc_t, false>(s, sc, L.W, nullptr, 0, q);
     }
     cc += channels;
+  }
+}
+
+// Stages what the flat layout's edge vectors (outside Layout::interior_lo/hi)
+// read of channels [c0, c0 + count) of image n, read in place (see
+// rows_in_place): pixels below interior_lo + pad_x and from interior_hi -
+// pad_x on (whole vectors), at their places in `dst`. The interior vectors
+// read the channels where they lie.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void stage_edges(const Operand<acc_t>& src, const Layout<acc_t>& L, int64_t n,
+                                     int64_t c0, int64_t count, acc_t* dst) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t low_end = std::min(L.W, L.interior_lo() + L.pad_x);
+  const int64_t high_start = (L.interior_hi() - L.pad_x) / V * V;
+  for (int64_t cc = 0; cc < count; ++cc) {
+    const acc_t* s = src.row(n, c0 + cc, 0);
+    acc_t* d = dst + cc * L.stage_cstride + L.pad_x;
+    stage_row_vectors<1>(s, 0, low_end, d, 0, static_cast<acc_t*>(nullptr));
+    stage_row_vectors<1>(s + high_start, 0, L.W - high_start, d + high_start, 0,
+                         static_cast<acc_t*>(nullptr));
   }
 }
 

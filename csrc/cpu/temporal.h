@@ -254,19 +254,21 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
     if (has_self) {
       const Layout<acc_t>& Ls = *args.spatial_layout;
       gather_chunk<ROW_PAIRS>(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset,
-                              ws.dst.data(), false, has_next || has_prev ? nullptr : &final);
+                              static_cast<const acc_t*>(nullptr), 0, ws.dst.data(), false,
+                              has_next || has_prev ? nullptr : &final);
     }
     if (has_next) {
       gather_chunk<ROW_PAIRS>(
           L, rows, count, ws.w_a.data(),
           stage_chunk(next, L, 0, c0, count, y0, rows_b, next_band->stage.data()) + L.inset,
-          ws.dst.data(), has_self, has_prev ? nullptr : &final);
+          static_cast<const acc_t*>(nullptr), 0, ws.dst.data(), has_self,
+          has_prev ? nullptr : &final);
     }
     if (has_prev) {
       gather_chunk<ROW_PAIRS>(
           L, rows, count, ws.w_b.data(),
           stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()) + L.inset,
-          ws.dst.data(), has_self || has_next, &final);
+          static_cast<const acc_t*>(nullptr), 0, ws.dst.data(), has_self || has_next, &final);
     }
     if (!has_self && !has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
       std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));
