@@ -12,6 +12,9 @@
 // stccl_ops/_registrations.py; the Functions are marked
 // traceable, so compiled autograd also traces their backward (it reads only
 // the saved variables and saved_data) instead of breaking its graph there.
+#include <memory>
+#include <type_traits>
+
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -216,6 +219,16 @@ class SpatiotemporalCorrelation : public torch::autograd::Function<Spatiotempora
   }
 };
 
+// A new autograd node as the graph holds it: torch's releases up to 2.11 at
+// least hold nodes in std::shared_ptr, 2.14 in c10::intrusive_ptr.
+template <typename NodePtr, typename NodeT, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<NodeT>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<NodeT>(std::forward<Args>(args)...);
+}
+
 // The outputs of a backward op get a grad_fn that raises when reached: double
 // backward is not supported.
 template <typename... Inputs>
@@ -224,7 +237,7 @@ void refuse_double_backward(std::vector<at::Tensor> grads, const Inputs&... inpu
   if (!ag::compute_requires_grad(inputs...)) {
     return;
   }
-  auto node = c10::make_intrusive<ag::Error>(
+  auto node = make_node<decltype(ag::Edge::function), ag::Error>(
       "stccl_ops: double backward (the gradient of a correlation's gradient) is not "
       "supported by the compiled backends; use backend='reference' for it");
   node->set_next_edges(ag::collect_next_edges(inputs...));

@@ -180,8 +180,11 @@ def signature(fn, pointers, acc_pointers, ints):
             sig[name] = ints
     return sig
 
-def compile_one(fn, dtype, cc, consts, num_warps, ints="i32"):
+def compile_one(fn, dtype, cc, consts, num_warps, ints="i32", ones=False):
     sig = signature(fn, PTR[dtype], ACC_PTR[dtype], ints)
+    if ones:  # every integer argument 1: the JIT passes those as Python ints
+        consts = dict(consts, **{name: 1 for name, kind in sig.items() if kind == ints})
+        sig = {name: "constexpr" if name in consts else kind for name, kind in sig.items()}
     if "ACC" in fn.arg_names:
         consts = dict(consts, ACC=ACC[dtype])
     src = ASTSource(fn, sig, constexprs=consts)
@@ -192,7 +195,7 @@ def compile_one(fn, dtype, cc, consts, num_warps, ints="i32"):
     res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
     os.remove(path)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
-    return {"kernel": fn.__name__, "dtype": dtype, "cc": cc, "ints": ints,
+    return {"kernel": fn.__name__, "dtype": dtype, "cc": cc, "ints": ints, "ones": ones,
             "consts": {k: str(v) for k, v in consts.items()},
             "regs": int(usage["REG"]), "local": int(usage["LOCAL"]), "stack": int(usage["STACK"]),
             "shared": k.metadata.shared}
@@ -248,6 +251,15 @@ for cc in (80, 90):
         results.append(compile_one(m._local_correlation_bwd_kernel, dtype, cc,
                                    dict(cfg.kwargs, NORMALIZE=True, MODE=m.MODE_SELF),
                                    cfg.num_warps, "i64"))
+        # integer arguments equal to 1 (one image, unit strides, 1 x 1 maps)
+        for fn, cfg, extra in ((m._local_correlation_fwd_kernel, FORWARD_CONFIGS[0], {}),
+                               (m._local_correlation_bwd_kernel, BACKWARD_CONFIGS[0],
+                                {"MODE": m.MODE_B}),
+                               (m._spatiotemporal_fwd_kernel, clip_configs(dtype)[0], {}),
+                               (m._spatiotemporal_bwd_kernel, BACKWARD_CONFIGS[0],
+                                {"SPATIAL": True, "TEMPORAL": True})):
+            results.append(compile_one(fn, dtype, cc, dict(cfg.kwargs, NORMALIZE=True, **extra),
+                                       cfg.num_warps, ones=True))
 print(json.dumps(results))
 """
 
@@ -273,13 +285,14 @@ def test_ahead_of_time_compile_for_sm80_and_sm90():
     clip_forward = sum(len({str(cfg) for n in (2, 6, 14, 38, 74)
                             for cfg in m.clip_forward_configs(n, dtype)})
                        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    assert len(results) == 2 * (4 * (forward * 2 + backward * 2 * 3 + 4 + backward * 2 * 3)
+    assert len(results) == 2 * (4 * (forward * 2 + backward * 2 * 3 + 8 + backward * 2 * 3)
                                 + clip_forward * 2)
     for r in results:
         assert r["local"] == 0, f"spills: {r}"
         # 64-bit sizes turn the pixel divisions into calls, which take a stack
         # frame (not spills); the usual 32-bit sizes take none.
-        assert r["stack"] == 0 or r["ints"] == "i64", f"stack frame: {r}"
+        # (every integer argument 1, a one-channel 1 x 1 map: it must compile, not be fast)
+        assert r["stack"] == 0 or r["ints"] == "i64" or r["ones"], f"stack frame: {r}"
         assert r["shared"] <= SHARED_LIMIT[r["cc"]], r
         assert r["regs"] <= 255, r
     worst = max(results, key=lambda r: r["regs"])

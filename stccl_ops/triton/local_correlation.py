@@ -90,7 +90,7 @@ def backward_configs(kernel_size: int) -> list:
 def _image_offset(n, inner, outer, batch):
     # n (a program id) and inner are image counts: 32-bit division (a 64-bit
     # one is a function call on GPUs), 64-bit offsets.
-    i = inner.to(tl.int32)
+    i = tl.cast(inner, tl.int32)  # (an argument equal to 1 arrives as a Python int)
     return (n // i).to(tl.int64) * outer + (n % i).to(tl.int64) * batch
 
 
