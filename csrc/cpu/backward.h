@@ -572,6 +572,16 @@ STCCL_ALWAYS_INLINE void finish_pixel_gradient(const Layout<acc_t>& L, bool norm
   write_gradient(L, n, 0, L.C, y0, rows, ws.runs.data(), ws.converted.data(), grad);
 }
 
+// An operand's chunk for the gather: its staged rows (with the halo), and
+// where its inside lies when read in place (then only the edges are staged;
+// else null), channels in_place_cstride apart.
+template <typename acc_t>
+struct ChunkRows {
+  const acc_t* staged;
+  const acc_t* in_place;
+  int64_t in_place_cstride;
+};
+
 // One band of the backward pass: both gradients (or the self-correlation's)
 // from one pass. The band's rows of a and b (with the halo) are read from
 // memory once for the norms and found in cache by the channel loop, which
@@ -625,38 +635,35 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
       !args.normalize && L.flat && L.K <= 3 && L.interior_lo() < L.interior_hi();
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
-    // An operand's chunk: staged, or where it lies (then with its edges
-    // staged) with its channel stride.
     auto chunk_rows = [&](const Operand<scalar_t>& v, acc_t* stage) STCCL_LAMBDA_INLINE {
       const acc_t* where = in_place ? rows_in_place(v, L, n, c0, count, 0, 1) : nullptr;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {  // (as rows_in_place found them)
         if (where) {
           stage_edges(v, L, n, c0, count, stage);
-          return std::tuple<const acc_t*, const acc_t*, int64_t>(stage, where, v.strides.c);
+          return ChunkRows<acc_t>{stage, where, v.strides.c};
         }
       }
-      return std::tuple<const acc_t*, const acc_t*, int64_t>(
-          stage_chunk(v, L, n, c0, count, y0, rows_b, stage), nullptr, 0);
+      return ChunkRows<acc_t>{stage_chunk(v, L, n, c0, count, y0, rows_b, stage), nullptr, 0};
     };
     const auto a_rows = chunk_rows(args.a, a_stage);
     const auto b_rows = two ? chunk_rows(args.b, b_stage) : a_rows;
     // One gradient's chunk: gathered from the other operand's rows, finished
     // with its own.
     auto gradient = [&](const acc_t* w, const acc_t* scale, const acc_t* shift,
-                        const acc_t* own_rows, const auto& other,
+                        const acc_t* own_rows, const ChunkRows<acc_t>& other,
                         scalar_t* grad) STCCL_LAMBDA_INLINE {
       const GradientEpilogue<acc_t> final{scale, args.normalize ? shift : nullptr,
                                           own_rows + L.own_offset(), L.stage_cstride,
                                           ws.runs.data(), L.run_cstride};
-      gather_chunk<ROW_PAIRS>(L, rows, count, w, std::get<0>(other), std::get<1>(other),
-                              std::get<2>(other), ws.dst.data(), false, &final);
+      gather_chunk<ROW_PAIRS>(L, rows, count, w, other.staged, other.in_place,
+                              other.in_place_cstride, ws.dst.data(), false, &final);
       write_gradient(L, n, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), grad);
     };
     if (args.grad_a)
-      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), std::get<0>(a_rows), b_rows,
+      gradient(ws.w_a.data(), ws.scale_a.data(), ws.shift_a.data(), a_rows.staged, b_rows,
                args.grad_a);
     if (args.grad_b)
-      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), std::get<0>(b_rows), a_rows,
+      gradient(ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(), b_rows.staged, a_rows,
                args.grad_b);
   }
 }
