@@ -569,6 +569,31 @@ def test_both_layouts_on_views(cpu_layout, view):
         assert_close(mine, expected, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("width", [256, 512])  # rows of 1-4 KiB: the longer rows alias
+def test_pixel_gather_weights_in_place_or_copied_alike(dtype, width):
+    """The pixel gather reads grad_a's weights where grad_out lies unless its
+    planes lie a multiple of 64 KiB apart with rows of 2 KiB or more (then it
+    copies them): a contiguous grad_out of 16384 values a plane and the same
+    values in planes one row taller agree bit for bit, and with the reference."""
+    rows = 64 * 1024 // (width * dtype.itemsize)
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(1, 3, rows, width, generator=g, dtype=dtype) for _ in range(2))
+    out = torch.ops.stccl_ops.local_correlation(a, b, 3, 1, True, 1e-8)
+    grad_out = torch.randn(out.shape, generator=g, dtype=dtype)
+    taller = torch.zeros(1, 9, rows + 1, width, dtype=dtype)
+    taller[:, :, :rows] = grad_out
+    results = [torch.ops.stccl_ops._local_correlation_backward(go, a, b, out, 3, 1, True, 1e-8,
+                                                               True, True)
+               for go in (grad_out, taller[:, :, :rows])]
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+    _, want = grads(lambda p, q: reference.local_correlation(p, q, 3), (leaf(a), leaf(b)),
+                    grad_out)
+    for mine, expected in zip(results[0], want):
+        assert_close(mine, expected, "grad")
+
+
 @pytest.mark.parametrize("cpu_layout", ["rows", "flat", "pixels"], indirect=True)
 def test_both_layouts_are_bitwise_deterministic_across_thread_counts(cpu_layout):
     channels = 5 if cpu_layout == "pixels" else 70  # the pixel gather takes at most 8

@@ -436,6 +436,9 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
   constexpr int64_t V = Simd<acc_t>::lanes;
   const int64_t X = L.x_tile, d = L.dilation;
   acc_t* scratch = tile + 2 * L.KK * X;
+  const int64_t plane_bytes = grad_out.strides.c * int64_t(sizeof(scalar_t));
+  const bool planes_alias = plane_bytes % L2_SET_PERIOD_BYTES == 0 &&
+                            grad_out.strides.y * int64_t(sizeof(scalar_t)) >= ALIASED_MIN_ROW_BYTES;
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
       // ROW_PAIRS: rows in pairs (rr, rr + d) where both are in the band
@@ -446,13 +449,14 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
       for (int64_t x0 = 0; x0 < L.Wv; x0 += X) {
         const int64_t width = std::min(X, L.Wv - x0);
         // Mode A's weights are grad_out's rows at the pixel itself: read in
-        // place where they are acc_t, contiguous, and whole vectors of them
-        // lie in its storage (lanes past the row read the next row's values,
-        // which stay in lanes that are never written out); a copy into the
-        // tile took as long as the gather on few channels.
+        // place where they are acc_t, contiguous, whole vectors of them lie
+        // in its storage (lanes past the row read the next row's values,
+        // which stay in lanes that are never written out), and the planes do
+        // not alias in L2 (see L2_SET_PERIOD_BYTES); a copy into the tile
+        // took as long as the gather on few channels.
         bool in_place = false;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          in_place = mode == GradMode::A && grad_out.strides.x == 1 &&
+          in_place = mode == GradMode::A && grad_out.strides.x == 1 && !planes_alias &&
                      grad_out.end - (grad_out.row(n, L.KK - 1, y0 + last) + x0) >= width;
         }
         const int64_t g_stride = in_place ? grad_out.strides.c : width;

@@ -66,6 +66,18 @@ constexpr int64_t SINGLE_GRADIENT_RUN_BYTES = 512;
 // in L1): 0.83-0.88x the time; fewer, longer copies of rows that come from
 // memory.
 constexpr int64_t PIXEL_TILE_BYTES = 128 * 1024;
+// Where grad_out's planes lie a multiple of this apart (the period of an L2's
+// set index: 1024 sets of 64-byte lines, on Zen 3 and Intel cores alike),
+// the pixel gather's in-place reads of mode A's weights put the same line of
+// every plane into one L2 set, more lines than its ways; with rows of at
+// least ALIASED_MIN_ROW_BYTES they are copied into the tile instead. Zen 3,
+// 2 threads, backward of both gradients (K = 7 unless given), ns a pixel in
+// place -> copied: 1 x 4 x 512 x 512 31.5 -> 30.0 (grad_a alone 22.8 ->
+// 18.4), 1 x 8 x 512 x 512 49.5 -> 45.2, 1 x 3 x 256 x 1024 K = 9 65.6 ->
+// 42.8, 2 x 4 x 512 x 512 K = 5 16.8 -> 17.2; rows of 1 KiB lost (256 x 256
+// 22.4 -> 24.1, 512 x 256 28.6 -> 29.3), and so did planes that do not
+// alias (300 x 300 21.2 -> 22.5, 480 x 640 27.5 -> 30.5).
+constexpr int64_t L2_SET_PERIOD_BYTES = 64 * 1024, ALIASED_MIN_ROW_BYTES = 2048;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
