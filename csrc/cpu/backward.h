@@ -437,7 +437,7 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
   const int64_t X = L.x_tile, d = L.dilation;
   acc_t* scratch = tile + 2 * L.KK * X;
   const int64_t plane_bytes = grad_out.strides.c * int64_t(sizeof(scalar_t));
-  const bool planes_alias = plane_bytes % L2_SET_PERIOD_BYTES == 0 &&
+  const bool planes_alias = plane_bytes % ALIASED_PLANE_PERIOD_BYTES == 0 &&
                             grad_out.strides.y * int64_t(sizeof(scalar_t)) >= ALIASED_MIN_ROW_BYTES;
   STCCL_WITH_DILATION(d, {
     for (int64_t rr = 0; rr < rows; ++rr) {
@@ -452,7 +452,7 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
         // place where they are acc_t, contiguous, whole vectors of them lie
         // in its storage (lanes past the row read the next row's values,
         // which stay in lanes that are never written out), and the planes do
-        // not alias in L2 (see L2_SET_PERIOD_BYTES); a copy into the tile
+        // not alias (see ALIASED_PLANE_PERIOD_BYTES); a copy into the tile
         // took as long as the gather on few channels.
         bool in_place = false;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {

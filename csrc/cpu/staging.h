@@ -66,18 +66,23 @@ constexpr int64_t SINGLE_GRADIENT_RUN_BYTES = 512;
 // in L1): 0.83-0.88x the time; fewer, longer copies of rows that come from
 // memory.
 constexpr int64_t PIXEL_TILE_BYTES = 128 * 1024;
-// Where grad_out's planes lie a multiple of this apart (the period of an L2's
-// set index: 1024 sets of 64-byte lines, on Zen 3 and Intel cores alike),
-// the pixel gather's in-place reads of mode A's weights put the same line of
-// every plane into one L2 set, more lines than its ways; with rows of at
-// least ALIASED_MIN_ROW_BYTES they are copied into the tile instead. Zen 3,
-// 2 threads, backward of both gradients (K = 7 unless given), ns a pixel in
+// Where grad_out's planes lie a multiple of this apart and its rows take at
+// least ALIASED_MIN_ROW_BYTES, the pixel gather copies mode A's weights into
+// its tile instead of reading them in place: there the in-place loads of the
+// K*K planes, all at the same offset in a 64 KiB period, cost up to twice as
+// much. Why is not settled (the L2 is indexed by physical address, so these
+// virtual distances do not fix its sets; the L1's way prediction and the
+// prefetchers remain), so the rule is only what was measured. Zen 3, 2
+// threads, backward of both gradients (K = 7 unless given), ns a pixel in
 // place -> copied: 1 x 4 x 512 x 512 31.5 -> 30.0 (grad_a alone 22.8 ->
 // 18.4), 1 x 8 x 512 x 512 49.5 -> 45.2, 1 x 3 x 256 x 1024 K = 9 65.6 ->
-// 42.8, 2 x 4 x 512 x 512 K = 5 16.8 -> 17.2; rows of 1 KiB lost (256 x 256
-// 22.4 -> 24.1, 512 x 256 28.6 -> 29.3), and so did planes that do not
-// alias (300 x 300 21.2 -> 22.5, 480 x 640 27.5 -> 30.5).
-constexpr int64_t L2_SET_PERIOD_BYTES = 64 * 1024, ALIASED_MIN_ROW_BYTES = 2048;
+// 42.8, 2 x 4 x 512 x 512 K = 5 16.8 -> 17.2; copying lost on rows of 1 KiB
+// (256 x 256 22.4 -> 24.1, 512 x 256 28.6 -> 29.3; grad_a alone on rows of
+// 1.25 KiB, 256 x 320, 10.8 -> 11.9) and on planes that do not alias (300 x
+// 300 21.2 -> 22.5, 480 x 640 27.5 -> 30.5). Outside the rule, 362 x 362 and
+// 181 x 724 (planes 112 bytes short of 512 KiB) would gain (grad_a alone 29
+// -> 15-17) where 328 x 400 (512 bytes past it) would lose (10.9 -> 15.6).
+constexpr int64_t ALIASED_PLANE_PERIOD_BYTES = 64 * 1024, ALIASED_MIN_ROW_BYTES = 2048;
 // Channels ahead whose rows the staging loop prefetches: a channel's rows of
 // a band are a short burst, too short for the hardware prefetcher to ramp up.
 constexpr int64_t PREFETCH_CHANNELS = 8;
