@@ -574,7 +574,7 @@ def test_both_layouts_on_views(cpu_layout, view):
 def test_pixel_gather_weights_in_place_or_copied_alike(dtype, width):
     """The pixel gather reads grad_a's weights where grad_out lies unless its
     planes lie a multiple of 64 KiB apart with rows of 2 KiB or more (then it
-    copies them): a contiguous grad_out of 16384 values a plane and the same
+    copies them): a contiguous grad_out of 64 KiB a plane and the same
     values in planes one row taller agree bit for bit, and with the reference."""
     rows = 64 * 1024 // (width * dtype.itemsize)
     g = torch.Generator().manual_seed(5)
