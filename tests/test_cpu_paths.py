@@ -569,9 +569,10 @@ def test_both_layouts_on_views(cpu_layout, view):
         assert_close(mine, expected, "grad")
 
 
+@pytest.mark.parametrize("cpu_layout", ["pixels"], indirect=True)  # whatever the rule picks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("width", [256, 512])  # rows of 1-4 KiB: the longer rows alias
-def test_pixel_gather_weights_in_place_or_copied_alike(dtype, width):
+def test_pixel_gather_weights_in_place_or_copied_alike(cpu_layout, dtype, width):
     """The pixel gather reads grad_a's weights where grad_out lies unless its
     planes lie a multiple of 64 KiB apart with rows of 2 KiB or more (then it
     copies them): a contiguous grad_out of 64 KiB a plane and the same
