@@ -55,12 +55,16 @@ class Case:
         """Multiply-adds of the dot products, 2 flops each."""
         return 2 * self.C * self.H * self.W * sum(maps * K * K for maps, K in self.windows())
 
-    def floor_bytes(self, backward):
-        """Forward: inputs read once + output written once. Forward+backward:
-        inputs + grad_out read, input gradients written. In the case's dtype."""
-        if backward:
-            return (2 * self.input_elements() + self.output_elements()) * self.itemsize
-        return (self.input_elements() + self.output_elements()) * self.itemsize
+    def floor_bytes(self, pass_):
+        """The bytes a pass must move, in the case's dtype, each tensor once:
+        "fwd" reads the inputs and writes the output; "bwd" reads the inputs
+        and grad_out and writes the input gradients; "fwd+bwd" (the step
+        compare.py times) reads the inputs, writes the output (the caller
+        holds it), reads grad_out and writes the gradients."""
+        inputs, output = self.input_elements(), self.output_elements()
+        elements = {"fwd": inputs + output, "bwd": 2 * inputs + output,
+                    "fwd+bwd": 2 * inputs + 2 * output}[pass_]
+        return elements * self.itemsize
 
     def floor_flops(self, backward):
         return 3 * self.flops() if backward else self.flops()

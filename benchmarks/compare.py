@@ -235,7 +235,8 @@ def run(device, threads, cases, backends, rounds, measure_memory=True):
             peak = peak_extra_bytes(make_step(case, backend, device, backward), device)
         else:
             peak = None
-        bytes_, flops = case.floor_bytes(backward), case.floor_flops(backward)
+        bytes_ = case.floor_bytes("fwd+bwd" if backward else "fwd")
+        flops = case.floor_flops(backward)
         rate = flop_rate["float64" if case.dtype == "float64" else "float32"]
         floor_ms = max(bytes_ / bandwidth / 1e6, flops / rate / 1e6)
         rows.append({

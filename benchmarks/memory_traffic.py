@@ -86,7 +86,7 @@ def measure(module, case, layout):
         kernels = summarise(module.memory_traffic())
         sector_bytes = 32 * sum(k[kind]["sectors"] for k in kernels.values()
                                 for kind in ("load", "store"))
-        floor = case.floor_bytes(backward)
+        floor = case.floor_bytes("bwd" if backward else "fwd")
         results.append({"case": case.name, "layout": layout,
                         "pass": "backward" if backward else "forward",
                         "shape": [case.N, case.C, case.H, case.W, case.K, case.dilation, case.T],
@@ -127,7 +127,7 @@ def measure_triton(case, layout):
         results.append({"backend": "triton", "case": case.name, "K": case.K, "layout": layout,
                         "pass": "backward" if backward else "forward",
                         "requested_bytes": sum(l["requested_bytes"] for l in launches),
-                        "floor_bytes": case.floor_bytes(backward), "launches": launches})
+                        "floor_bytes": case.floor_bytes("bwd" if backward else "fwd"), "launches": launches})
     return results
 
 
