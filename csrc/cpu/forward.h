@@ -192,8 +192,10 @@ STCCL_ALWAYS_INLINE void zero_outside_image(const Layout<acc_t>& L, int64_t y0, 
 // inv_a[rr] (rows inv_a_rstride apart) the inverse norms of a and inv_b
 // ([rows_b][WB], 0 outside the image) those of b. `out` is the image's
 // (K*K, H, W) volume. An offset's rows of the band are one contiguous run of
-// it: computed into run_buffer, then streamed out (see stream_copy); with
-// L.single_run all offsets' runs are gathered and streamed as one.
+// it: streamed straight into `out` where its rows are whole vectors from a
+// 16-byte boundary (float types), else computed into run_buffer and then
+// streamed out (see stream_copy); with L.single_run all offsets' runs are
+// gathered and streamed as one.
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t y0, int64_t rows,
                                       const acc_t* acc, const acc_t* inv_a,
@@ -207,10 +209,23 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
     const int64_t offsets = (self && i == r) ? r + 1 : K;
     for (int64_t j = 0; j < offsets; ++j) {
       const int64_t k = i * K + j;
+      scalar_t* run_out = out + (k * L.H + y0) * L.W;
+      // Streamed straight out: no pass through the buffer and back (the
+      // output is most of what few channels move).
+      const bool direct = std::is_same_v<scalar_t, acc_t> && !L.single_run && L.W % V == 0 &&
+                          reinterpret_cast<uintptr_t>(run_out) % 16 == 0;
       for (int64_t rr = 0; rr < rows; ++rr) {
         const acc_t* a_k = acc + (rr * KK + k) * Wv;
         const acc_t* inv_p = inv_a + rr * inv_a_rstride;
         const acc_t* inv_q = inv_b + rr * WB + i * d * step + j * d;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (direct) {
+            for (int64_t x = 0; x < L.W; x += V)
+              stream_store(run_out + rr * L.W + x,
+                           load(a_k + x) * load(inv_p + x) * load(inv_q + x));
+            continue;
+          }
+        }
         scalar_t* o = run + ((L.single_run ? k : 0) * rows + rr) * L.W;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           // Whole vectors: a row's last vector runs into the next row's
@@ -226,8 +241,8 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
           round_product_row(a_k, inv_p, inv_q, o, (L.W + V - 1) / V * V);
         }
       }
-      if (!L.single_run)
-        stream_copy(out + (k * L.H + y0) * L.W, run, rows * L.W * int64_t(sizeof(scalar_t)));
+      if (!L.single_run && !direct)
+        stream_copy(run_out, run, rows * L.W * int64_t(sizeof(scalar_t)));
     }
   }
   // Self: the offsets up to the centre, k = 0 .. KK / 2, are one run too.

@@ -263,5 +263,19 @@ STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// store() with non-temporal stores (see stream_copy), p 16-byte aligned.
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void stream_store(acc_t* p, typename Simd<acc_t>::vec v) {
+#if defined(__x86_64__)
+  for (int64_t part = 0; part < int64_t(sizeof(v)); part += 16) {
+    __m128i h;
+    __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + part, sizeof(h));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + part), h);
+  }
+#else
+  store(p, v);
+#endif
+}
+
 }  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu
