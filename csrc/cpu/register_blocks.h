@@ -193,7 +193,8 @@ STCCL_ALWAYS_INLINE void gather_pair_block(const acc_t* w0, const acc_t* w1, int
 // band one after the other (W apart), channels run_cstride apart. At one
 // (row, x vector) position: the pointers below already point there. Raw
 // mode has no shift (null): its gradient does not depend on own, and 0 times
-// an infinite own would be NaN.
+// an infinite own would be NaN. `streamed`: the runs are the gradient itself,
+// written with non-temporal stores (see gradient_epilogue; finish_chunk only).
 template <typename acc_t>
 struct GradientEpilogue {
   const acc_t* scale;
@@ -202,6 +203,7 @@ struct GradientEpilogue {
   int64_t own_cstride;
   acc_t* runs;
   int64_t run_cstride;
+  bool streamed = false;
   // The gradient from the sum (total); SHIFTED: shift != null, a constant of
   // the callers' loops (a test of it per vector slowed the backward 2-7%).
   template <bool SHIFTED>
