@@ -127,7 +127,8 @@ def measure_triton(case, layout):
         results.append({"backend": "triton", "case": case.name, "K": case.K, "layout": layout,
                         "pass": "backward" if backward else "forward",
                         "requested_bytes": sum(l["requested_bytes"] for l in launches),
-                        "floor_bytes": case.floor_bytes("bwd" if backward else "fwd"), "launches": launches})
+                        "floor_bytes": case.floor_bytes("bwd" if backward else "fwd"),
+                        "launches": launches})
     return results
 
 
