@@ -223,7 +223,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
     if (final)
       e = {final->scale + rr * Wv + xb, final->shift ? final->shift + rr * Wv + xb : nullptr,
            final->own + rr * WB + xb, final->own_cstride, final->runs + rr * W + xb,
-           final->run_cstride, final->streamed};
+           final->run_cstride};
     return e;
   };
   if (K <= 3) {
@@ -535,8 +535,7 @@ STCCL_ALWAYS_INLINE GradientEpilogue<acc_t> gradient_epilogue(
     const acc_t* shift, const acc_t* own, int64_t own_cstride, acc_t* runs, scalar_t* grad) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     acc_t* first = grad + ((n * L.C + c0) * L.H + y0) * L.W;
-    if ((L.pixel_gather || L.K > 3) && !L.single_gradient_run &&
-        L.W % Simd<acc_t>::lanes == 0 && reinterpret_cast<uintptr_t>(first) % 16 == 0)
+    if ((L.pixel_gather || L.K > 3) && !L.single_gradient_run && L.rows_stream_from(first))
       return {scale, shift, own, own_cstride, first, L.H * L.W, true};
   }
   return {scale, shift, own, own_cstride, runs, L.run_cstride};

@@ -212,8 +212,8 @@ STCCL_ALWAYS_INLINE void write_output(const Layout<acc_t>& L, bool self, int64_t
       scalar_t* run_out = out + (k * L.H + y0) * L.W;
       // Streamed straight out: no pass through the buffer and back (the
       // output is most of what few channels move).
-      const bool direct = std::is_same_v<scalar_t, acc_t> && !L.single_run && L.W % V == 0 &&
-                          reinterpret_cast<uintptr_t>(run_out) % 16 == 0;
+      const bool direct =
+          std::is_same_v<scalar_t, acc_t> && !L.single_run && L.rows_stream_from(run_out);
       for (int64_t rr = 0; rr < rows; ++rr) {
         const acc_t* a_k = acc + (rr * KK + k) * Wv;
         const acc_t* inv_p = inv_a + rr * inv_a_rstride;

@@ -90,6 +90,22 @@ STCCL_ALWAYS_INLINE void stream_copy(void* dst, const void* src, int64_t bytes) 
 #endif
 }
 
+// The vector v (a whole number of 16 bytes) to p, 16-byte aligned, with
+// non-temporal stores (see stream_copy).
+template <typename Vec>
+STCCL_ALWAYS_INLINE void stream_store(void* p, const Vec& v) {
+  static_assert(sizeof(Vec) % 16 == 0);
+#if defined(__x86_64__)
+  for (int64_t part = 0; part < int64_t(sizeof(v)); part += 16) {
+    __m128i h;
+    __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + part, sizeof(h));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + part), h);
+  }
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
 // float16 <-> float32 with the F16C instructions, exact as c10's conversions
 // (float16 -> float32 is exact; the other way rounds to nearest even) but a
 // vector at a time instead of bit manipulation per element. Functions of
@@ -151,12 +167,7 @@ STCCL_ALWAYS_INLINE void bfloat16_stream(const float* a, c10::BFloat16* d, int64
     __builtin_memcpy(&u, &f, sizeof(u));
     const words nan = (words)(f != f);
     const words rounded = (u + ((u >> 16) & 1) + 0x7fff) >> 16;
-    const halves h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0), halves);
-    for (int64_t part = 0; part < int64_t(sizeof(h)); part += 16) {
-      __m128i v;
-      __builtin_memcpy(&v, reinterpret_cast<const char*>(&h) + part, sizeof(v));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(d + i) + part), v);
-    }
+    stream_store(d + i, __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0), halves));
   }
   for (; i < n; ++i) d[i] = c10::BFloat16(a[i]);
 }
@@ -261,20 +272,6 @@ STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load(const acc_t* p) {
 template <typename acc_t>
 STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
   __builtin_memcpy(p, &v, sizeof(v));
-}
-
-// store() with non-temporal stores (see stream_copy), p 16-byte aligned.
-template <typename acc_t>
-STCCL_ALWAYS_INLINE void stream_store(acc_t* p, typename Simd<acc_t>::vec v) {
-#if defined(__x86_64__)
-  for (int64_t part = 0; part < int64_t(sizeof(v)); part += 16) {
-    __m128i h;
-    __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + part, sizeof(h));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + part), h);
-  }
-#else
-  store(p, v);
-#endif
 }
 
 }  // namespace STCCL_VECTOR_NAMESPACE

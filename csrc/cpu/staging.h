@@ -294,6 +294,12 @@ struct Layout {
   }
   // The image rows of a band of `rows` rows (flat: the image's).
   int64_t image_rows(int64_t rows) const { return flat ? image_H : rows; }
+  // Whether a band's rows of a result, one after the other from `first`, can
+  // be written straight with stream_store: whole vectors from a 16-byte
+  // boundary.
+  bool rows_stream_from(const void* first) const {
+    return W % Simd<acc_t>::lanes == 0 && reinterpret_cast<uintptr_t>(first) % 16 == 0;
+  }
 };
 
 // Whether an operand's images can be read flat: their rows one after the
