@@ -434,15 +434,19 @@ def test_forward_is_bitwise_the_same_in_both_layouts(dtype, size, K, dilation):
         assert torch.equal(out, results["rows"][0][:2])
 
 
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("K", [3, 5])
-def test_forward_reads_a_in_place_as_it_stages_it(cpu_layout, dtype, normalize, K):
+@pytest.mark.parametrize("K", [3, 5, 7])
+def test_forward_reads_a_in_place_as_it_stages_it(cpu_path, cpu_layout, dtype, normalize, K):
     """The forward reads a contiguous a where it lies (its whole vectors past
-    each row's end too) and stages a channels_last one; the results are the
-    same bits, and the images' last rows (nothing readable after the storage's
-    last one) take the staged path."""
+    each row's end too; in the flat layout the register blocks take its
+    squares, and the native builds read half types there too, widened in
+    registers) and stages a channels_last one; the results are the same bits,
+    and the images' last rows (nothing readable after the storage's last one)
+    take the staged path. K = 7 takes one window row per block with AVX2, 3
+    and 5 several."""
     g = torch.Generator().manual_seed(7)
     a = torch.randn(3, 33, 11, 13, generator=g).to(dtype)
     b = torch.randn(3, 33, 11, 13, generator=g).to(dtype)

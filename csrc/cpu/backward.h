@@ -671,9 +671,8 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     auto chunk_rows = [&](const Operand<scalar_t>& v, acc_t* stage) STCCL_LAMBDA_INLINE {
-      const acc_t* where = in_place ? rows_in_place(v, L, n, c0, count, 0, 1) : nullptr;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // (as rows_in_place found them)
-        if (where) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (const acc_t* where = in_place ? rows_in_place(v, L, n, c0, count, 0, 1) : nullptr) {
           stage_edges(v, L, n, c0, count, stage);
           return ChunkRows<acc_t>{stage, where, v.strides.c};
         }

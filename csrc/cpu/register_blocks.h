@@ -13,11 +13,15 @@ inline namespace STCCL_VECTOR_NAMESPACE {
 // of each of I window rows (b's rows b_rstride apart, the sums' acc_rstride
 // apart); the I * J accumulators stay in registers across the channel loop.
 // DIL > 0 makes the dilation a compile-time constant (no offset registers).
-template <int I, int J, int DIL, typename acc_t>
-STCCL_ALWAYS_INLINE void correlate_window_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+// a may be a half type, widened in registers (the native builds' flat
+// forward, see correlate_flat). sum_sq, when given, gets the squares of a's
+// vectors added: a's sums of squares for its norms, where a is not staged.
+template <int I, int J, int DIL, typename a_t, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_window_block(const a_t* a, int64_t a_cstride, const acc_t* b,
                                                 int64_t b_cstride, int64_t b_rstride,
                                                 int64_t dil_rt, int64_t count, acc_t* acc,
-                                                int64_t acc_rstride, int64_t acc_stride) {
+                                                int64_t acc_rstride, int64_t acc_stride,
+                                                acc_t* sum_sq = nullptr) {
   using vec = typename Simd<acc_t>::vec;
   const int64_t dil = DIL > 0 ? DIL : dil_rt;
   vec sum[I][J];
@@ -25,16 +29,25 @@ STCCL_ALWAYS_INLINE void correlate_window_block(const acc_t* a, int64_t a_cstrid
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) sum[i][j] = load(acc + i * acc_rstride + j * acc_stride);
-  // An end pointer rather than a counter: the loop must not keep anything in
-  // memory (a spilled counter puts a store-to-load chain into every step).
-  for (const acc_t* const a_end = a + count * a_cstride; a != a_end;
-       a += a_cstride, b += b_cstride) {
-    const vec av = load(a);
+  auto channels = [&](auto squares) STCCL_LAMBDA_INLINE {
+    constexpr bool SQUARES = decltype(squares)::value;
+    vec sq = SQUARES ? load(sum_sq) : vec{};
+    // An end pointer rather than a counter: the loop must not keep anything
+    // in memory (a spilled counter puts a store-to-load chain into every
+    // step).
+    for (const a_t* const a_end = a + count * a_cstride; a != a_end;
+         a += a_cstride, b += b_cstride) {
+      const vec av = load(a);
+      if constexpr (SQUARES) sq += av * av;
 #pragma GCC unroll 8
-    for (int i = 0; i < I; ++i)
+      for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
-      for (int j = 0; j < J; ++j) sum[i][j] += av * load(b + i * b_rstride + j * dil);
-  }
+        for (int j = 0; j < J; ++j) sum[i][j] += av * load(b + i * b_rstride + j * dil);
+    }
+    if constexpr (SQUARES) store(sum_sq, sq);
+  };
+  if (sum_sq) channels(std::true_type{});
+  else channels(std::false_type{});
 #pragma GCC unroll 8
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 16
@@ -42,12 +55,12 @@ STCCL_ALWAYS_INLINE void correlate_window_block(const acc_t* a, int64_t a_cstrid
 }
 
 // The same for the J offsets of one window row.
-template <int J, int DIL, typename acc_t>
-STCCL_ALWAYS_INLINE void correlate_block(const acc_t* a, int64_t a_cstride, const acc_t* b,
+template <int J, int DIL, typename a_t, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_block(const a_t* a, int64_t a_cstride, const acc_t* b,
                                          int64_t b_cstride, int64_t dil_rt, int64_t count,
-                                         acc_t* acc, int64_t acc_stride) {
+                                         acc_t* acc, int64_t acc_stride, acc_t* sum_sq = nullptr) {
   correlate_window_block<1, J, DIL>(a, a_cstride, b, b_cstride, int64_t(0), dil_rt, count, acc,
-                                    int64_t(0), acc_stride);
+                                    int64_t(0), acc_stride, sum_sq);
 }
 
 // correlate_block for R output rows that read the same staged row of b (row

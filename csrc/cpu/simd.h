@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "isa.h"
@@ -273,6 +274,35 @@ template <typename acc_t>
 STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+
+#if defined(__x86_64__)
+// V floats from as many float16 or bfloat16 values at p (HALF_LOADS: where
+// this exists), for the native builds only: F16C's vcvtph2ps, and bfloat16 zero-extended (one vpmovzxwd
+// from memory, where GCC splits the generic conversion into four
+// instructions on half vectors) and shifted. In asm so that templates
+// without the native target can hold them (an intrinsic there is a target
+// mismatch even where it only ever runs inlined into a native function).
+template <bool FLOAT16>
+STCCL_ALWAYS_INLINE Simd<float>::vec load_halves(const void* p) {
+  struct Halves {
+    char bytes[STCCL_VECTOR_BYTES / 2];
+  };
+  const Halves& halves = *static_cast<const Halves*>(p);
+  Simd<float>::vec v;
+  if constexpr (FLOAT16)
+    asm("vcvtph2ps %1, %0" : "=v"(v) : "m"(halves));
+  else
+    asm("vpmovzxwd %1, %0\n\tvpslld $16, %0, %0" : "=v"(v) : "m"(halves));
+  return v;
+}
+STCCL_ALWAYS_INLINE Simd<float>::vec load(const c10::Half* p) { return load_halves<true>(p); }
+STCCL_ALWAYS_INLINE Simd<float>::vec load(const c10::BFloat16* p) {
+  return load_halves<false>(p);
+}
+constexpr bool HALF_LOADS = true;
+#else
+constexpr bool HALF_LOADS = false;
+#endif
 
 }  // namespace STCCL_VECTOR_NAMESPACE
 }  // namespace stccl::cpu

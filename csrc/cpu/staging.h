@@ -409,12 +409,11 @@ STCCL_ALWAYS_INLINE void stage_row_vectors(const scalar_t* s, int64_t s_cstride,
 
 #if defined(__x86_64__)
 // stage_row_vectors for float16 and bfloat16 rows, converted by the native
-// builds' instructions: F16C's vcvtph2ps, and bfloat16's zero extension
-// (one vpmovzxwd, where GCC splits load_as's generic conversion into four
-// instructions on half vectors: a fifth of the S1 bfloat16 forward's band
-// time) and shift. Converting float16 with integer operations instead, in
-// any build, took the S1 float16 forward from 2.2 to 3.2 ms: two dozen
-// vector operations for one F16C instruction.
+// builds' instructions (see load of half types in simd.h; load_as's generic
+// bfloat16 conversion took a fifth of the S1 bfloat16 forward's band time).
+// Converting float16 with integer operations instead, in any build, took the
+// S1 float16 forward from 2.2 to 3.2 ms: two dozen vector operations for one
+// F16C instruction.
 template <int CHANNELS, typename scalar_t>
 STCCL_NATIVE_FUNCTION void stage_half_row_vectors(const scalar_t* s, int64_t s_cstride,
                                                   int64_t W, float* d, int64_t d_cstride,
@@ -422,28 +421,7 @@ STCCL_NATIVE_FUNCTION void stage_half_row_vectors(const scalar_t* s, int64_t s_c
   constexpr int64_t V = Simd<float>::lanes;
   for (int64_t x = 0; x < W; x += V) {
     Simd<float>::vec v[CHANNELS];
-    for (int c = 0; c < CHANNELS; ++c) {
-      const scalar_t* p = s + c * s_cstride + x;
-#if STCCL_VECTOR_BYTES == 64
-      // maskz with all lanes: the plain intrinsics' undefined sources trip
-      // GCC 12's -Wmaybe-uninitialized.
-      const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __mmask16 all = 0xffff;
-      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-        v[c] = _mm512_maskz_cvtph_ps(all, halves);
-      } else {
-        v[c] = _mm512_castsi512_ps(
-            _mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, halves), 16));
-      }
-#else
-      const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-        v[c] = _mm256_cvtph_ps(halves);
-      } else {
-        v[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-      }
-#endif
-    }
+    for (int c = 0; c < CHANNELS; ++c) v[c] = load(s + c * s_cstride + x);
     store_staged<CHANNELS>(v, W - x, d + x, d_cstride, q != nullptr ? q + x : nullptr);
   }
 }
@@ -524,21 +502,21 @@ STCCL_ALWAYS_INLINE void stage_rows(const Operand<scalar_t>& src, const Layout<a
 
 // Rows [y0, y0 + rows) of channels [c0, c0 + count) of image n where they lie
 // (channel c0's first row; channels strides.c and rows strides.y apart), for
-// an operand read without a halo (the forward's a): null unless they are in
-// acc_t, contiguous along x, and whole vectors from each row's start lie in
-// its storage (the lanes past a row read what follows it, which only reaches
-// lanes that are never written out). Staging copies every value once more
-// through the cache: reading a in place took the flat forward of 20 x 256 x
-// 14 x 14 from 0.79 to 0.64 ms in float64 (docs/cpu_kernels.md).
+// an operand read without a halo (the forward's a): null unless they are
+// contiguous along x and whole vectors from each row's start lie in its
+// storage (the lanes past a row read what follows it, which only reaches
+// lanes that are never written out). The kernels read them as acc_t, or
+// half types in the flat forward's native blocks (see correlate_flat).
+// Staging copies every value once more through the cache: reading a in place
+// took the flat forward of 20 x 256 x 14 x 14 from 0.79 to 0.64 ms in
+// float64 (docs/cpu_kernels.md).
 template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE const acc_t* rows_in_place(const Operand<scalar_t>& src,
-                                               const Layout<acc_t>& L, int64_t n, int64_t c0,
-                                               int64_t count, int64_t y0, int64_t rows) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // With strides >= 0 the last row of the last channel starts last.
-    if (src.strides.x == 1 && src.end - src.row(n, c0 + count - 1, y0 + rows - 1) >= L.Wv)
-      return src.row(n, c0, y0);
-  }
+STCCL_ALWAYS_INLINE const scalar_t* rows_in_place(const Operand<scalar_t>& src,
+                                                  const Layout<acc_t>& L, int64_t n, int64_t c0,
+                                                  int64_t count, int64_t y0, int64_t rows) {
+  // With strides >= 0 the last row of the last channel starts last.
+  if (src.strides.x == 1 && src.end - src.row(n, c0 + count - 1, y0 + rows - 1) >= L.Wv)
+    return src.row(n, c0, y0);
   return nullptr;
 }
 
