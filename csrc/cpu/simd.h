@@ -277,11 +277,12 @@ STCCL_ALWAYS_INLINE void store(acc_t* p, typename Simd<acc_t>::vec v) {
 
 #if defined(__x86_64__)
 // V floats from as many float16 or bfloat16 values at p (HALF_LOADS: where
-// this exists), for the native builds only: F16C's vcvtph2ps, and bfloat16 zero-extended (one vpmovzxwd
-// from memory, where GCC splits the generic conversion into four
-// instructions on half vectors) and shifted. In asm so that templates
-// without the native target can hold them (an intrinsic there is a target
-// mismatch even where it only ever runs inlined into a native function).
+// this exists), for the native builds only: F16C's vcvtph2ps, and bfloat16
+// zero-extended (one vpmovzxwd from memory, where GCC splits the generic
+// conversion into four instructions on half vectors) and shifted. In asm so
+// that templates without the native target can hold them (an intrinsic
+// there is a target mismatch even where it only ever runs inlined into a
+// native function).
 template <bool FLOAT16>
 STCCL_ALWAYS_INLINE Simd<float>::vec load_halves(const void* p) {
   struct Halves {
