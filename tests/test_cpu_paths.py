@@ -638,6 +638,43 @@ def test_pixel_gather_weights_in_place_or_copied_alike(cpu_layout, dtype, width)
         assert_close(mine, expected, "grad")
 
 
+@pytest.mark.parametrize("cpu_layout", ["rows", "flat"], indirect=True)
+@pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_of_strided_volumes_as_of_contiguous(cpu_layout, cpu_path, dtype, normalize):
+    """grad_out and out as channels_last or x-strided views give the bits of
+    their contiguous copies: the weights read acc_t rows in place and convert
+    the rest (per row, or in the flat layout a plane at a time once for both
+    gradients), a and b's and a self-correlation's."""
+    g = torch.Generator().manual_seed(9)
+    N, C, H, W, K = 3, 20, 7, 9, 3
+    a = torch.randn(N, C, H, W, generator=g).to(dtype)
+    b = torch.randn(N, C, H, W, generator=g).to(dtype)
+    grad_out = torch.randn(N, K * K, H, W, generator=g).to(dtype)
+    backward = torch.ops.stccl_ops._local_correlation_backward
+    out = torch.ops.stccl_ops.local_correlation(a, b, K, 1, normalize, 1e-8)
+    self_out = torch.ops.stccl_ops.self_correlation(a, K, 1, normalize, 1e-8)
+
+    def views(t):  # channels_last; x stride 2 (every other column of a wider copy)
+        wide = torch.zeros(*t.shape[:-1], 2 * W, dtype=dtype)
+        wide[..., ::2] = t
+        return [t.contiguous(memory_format=torch.channels_last), wide[..., ::2]]
+
+    want = backward(grad_out, a, b, out, K, 1, normalize, 1e-8, True, True)
+    self_backward = torch.ops.stccl_ops._self_correlation_backward
+    want_self = self_backward(grad_out, a, self_out, K, 1, normalize, 1e-8)
+    for g_view, o_view, s_view in zip(views(grad_out), views(out), views(self_out)):
+        for mine, expected in zip(backward(g_view, a, b, o_view, K, 1, normalize, 1e-8, True,
+                                           True), want):
+            assert torch.equal(mine, expected)
+        assert torch.equal(self_backward(g_view, a, s_view, K, 1, normalize, 1e-8), want_self)
+    ref, ref_grads = grads(lambda p, q: reference.local_correlation(p, q, K, 1, normalize),
+                           (leaf(a), leaf(b)), grad_out)
+    for mine, expected in zip(want, ref_grads):
+        assert_close(mine, expected, "grad")
+
+
 @pytest.mark.parametrize("cpu_layout", ["rows", "flat", "pixels"], indirect=True)
 def test_both_layouts_are_bitwise_deterministic_across_thread_counts(cpu_layout):
     channels = 5 if cpu_layout == "pixels" else 70  # the pixel gather takes at most 8
