@@ -18,7 +18,6 @@ struct BackwardWorkspace {
   Buffer<acc_t> runs;                         // [chunk] x run_cstride
   Buffer<acc_t> converted;  // gradient rows of a band (one channel's or a chunk's), in scalar_t
   Buffer<acc_t> volume_rows;  // [3][Wv]: rows of grad_out and out in acc_t
-  Buffer<acc_t> volume_planes;  // grad_out's and out's planes in acc_t (see VolumePlanes)
   Buffer<acc_t> g_tile;       // the pixel gather's [2][K*K][x_tile] + x_tile (see gradient_tile)
   // other: the layout of a second window over the same bands (the clip's spatial one)
   explicit BackwardWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* other = nullptr)
@@ -64,62 +63,6 @@ STCCL_ALWAYS_INLINE const acc_t* row_in_acc(const scalar_t* row, int64_t stride,
   return buffer;
 }
 
-// The flat layout's grad_out and out (null in raw mode) of one image, every
-// offset's plane (image_H * image_W values) converted to acc_t once for both
-// gradients' weights. Null g: none (the weights read rows in place or
-// convert each as they read it).
-template <typename acc_t>
-struct VolumePlanes {
-  const acc_t* g = nullptr;
-  const acc_t* o = nullptr;
-};
-
-// What volume_planes may take: more falls back to converting per row.
-constexpr int64_t VOLUME_PLANES_BYTES = 512 * 1024;
-
-// The VolumePlanes of image n, in `buffer`, for volumes that are not rows of
-// acc_t in place (half types, or an x stride), in the flat layout: there the
-// weights converted every image row of every offset twice (once per
-// gradient: mode B's rows are mode A's shifted), each conversion a call and
-// a vector tail for a few values. None where they are in place, the layout
-// has rows, or they would take more than VOLUME_PLANES_BYTES. Measured,
-// bfloat16 backward, lowest of alternating processes, ms: 256 x 64 x 8 x 8
-// (flat) 1.384 -> 1.295, 32 x 256 x 14 x 14 K = 5 (flat) 4.62 -> 4.54,
-// 16 x 1024 x 7 x 7 (flat) 0.869 -> 0.864; with rows of 40-56 values (rows
-// layout, the bands' rows converted once) no gain: 20 x 64 x 56 x 56 3.96 ->
-// 3.94, 8 x 96 x 40 x 40 K = 5 2.35 -> 2.43.
-template <typename scalar_t, typename acc_t>
-STCCL_ALWAYS_INLINE VolumePlanes<acc_t> volume_planes(const BackwardArgs<scalar_t, acc_t>& args,
-                                                      const Layout<acc_t>& L, int64_t n,
-                                                      Buffer<acc_t>& buffer) {
-  const Operand<scalar_t>& g = args.grad_out;
-  const Operand<scalar_t>& o = args.out;
-  if (!L.flat || (std::is_same_v<scalar_t, acc_t> && g.strides.x == 1 &&
-                  (!args.normalize || o.strides.x == 1)))
-    return {};
-  const int64_t W = L.image_W, plane = L.image_H * W, size = L.KK * plane;
-  const int64_t volumes = args.normalize ? 2 : 1;
-  if (volumes * size * int64_t(sizeof(acc_t)) > VOLUME_PLANES_BYTES) return {};
-  if (int64_t(buffer.size()) < volumes * size) buffer.resize(volumes * size);
-  auto convert = [&](const Operand<scalar_t>& v, acc_t* d) STCCL_LAMBDA_INLINE {
-    for (int64_t k = 0; k < L.KK; ++k) {
-      const scalar_t* s = v.row(n, k, 0);
-      if (v.strides.x == 1 && v.strides.y == W) {  // the plane is one run
-        convert_row(s, d, plane);
-        d += plane;
-        continue;
-      }
-      for (int64_t y = 0; y < L.image_H; ++y, d += W) {
-        const acc_t* r = row_in_acc(s + y * v.strides.y, v.strides.x, 0, W, d);
-        if (r != d) std::copy_n(r, W, d);
-      }
-    }
-  };
-  convert(g, buffer.data());
-  if (args.normalize) convert(o, buffer.data() + size);
-  return {buffer.data(), args.normalize ? buffer.data() + size : nullptr};
-}
-
 // One row of gradient_weights: wk = (g + g_mirror) * inv_q over [x_lo, x_hi)
 // and, given `out` (o), the shift's sums csum += (g + g_mirror) * o.
 template <typename acc_t>
@@ -160,8 +103,7 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
                                           int64_t y0, int64_t rows, const acc_t* inv_own,
                                           const acc_t* pass_own, const acc_t* inv_other,
                                           acc_t* w, acc_t* scale, acc_t* shift,
-                                          acc_t* volume_rows,
-                                          const VolumePlanes<acc_t>& planes = {}) {
+                                          acc_t* volume_rows) {
   const int64_t K = L.K, KK = L.KK, H = L.image_H, W = L.image_W, Wv = L.Wv;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
   const bool shifted = args.normalize;  // raw mode has no shift: out is not read
@@ -169,24 +111,19 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   // divides).
   const scalar_t* g_image = args.grad_out.row(n, 0, 0);
   const scalar_t* o_image = shifted ? args.out.row(n, 0, 0) : nullptr;
-  auto g_row = [&](int64_t k, int64_t y) STCCL_LAMBDA_INLINE {
-    return g_image + k * args.grad_out.strides.c + y * args.grad_out.strides.y;
-  };
-  auto o_row = [&](int64_t k, int64_t y) STCCL_LAMBDA_INLINE {
-    return o_image + k * args.out.strides.c + y * args.out.strides.y;
-  };
   // Elements [x_lo, x_hi) of offset k's row y of grad_out (or out) from x
-  // offset dx on, in acc_t, indexed by x: from `planes`, else in place or
-  // converted into `buffer`.
+  // offset dx on, in acc_t, indexed by x: in place, or converted into
+  // `buffer`.
   auto g_at = [&](int64_t k, int64_t y, int64_t dx, int64_t x_lo, int64_t x_hi,
                   acc_t* buffer) STCCL_LAMBDA_INLINE {
-    if (planes.g) return planes.g + (k * H + y) * W + dx;
-    return row_in_acc(g_row(k, y) + dx * gx, gx, x_lo, x_hi, buffer);
+    return row_in_acc(g_image + k * args.grad_out.strides.c + y * args.grad_out.strides.y +
+                          dx * gx,
+                      gx, x_lo, x_hi, buffer);
   };
   auto o_at = [&](int64_t k, int64_t y, int64_t dx, int64_t x_lo, int64_t x_hi,
                   acc_t* buffer) STCCL_LAMBDA_INLINE {
-    if (planes.g) return planes.o + (k * H + y) * W + dx;
-    return row_in_acc(o_row(k, y) + dx * ox, ox, x_lo, x_hi, buffer);
+    return row_in_acc(o_image + k * args.out.strides.c + y * args.out.strides.y + dx * ox, ox,
+                      x_lo, x_hi, buffer);
   };
   std::fill_n(w, rows * KK * Wv, acc_t(0));
   std::fill_n(shift, rows * Wv, acc_t(0));
@@ -729,15 +666,14 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     if (args.grad_b) gradient(GradMode::B, B, A, args.grad_b);
     return;
   }
-  const VolumePlanes<acc_t> planes = volume_planes(args, L, n, ws.volume_planes);
   if (args.grad_a)
     gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
                      A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data(), ws.volume_rows.data(), planes);
+                     ws.shift_a.data(), ws.volume_rows.data());
   if (args.grad_b)
     gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
                      A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(),
-                     ws.volume_rows.data(), planes);
+                     ws.volume_rows.data());
   // Raw mode's flat layout reads each chunk where it lies for the vectors
   // inside the image and stages only the edges (the epilogue reads no `own`
   // rows there): staging went through the cache once more for every value
