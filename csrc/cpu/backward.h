@@ -107,24 +107,6 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   const int64_t K = L.K, KK = L.KK, H = L.image_H, W = L.image_W, Wv = L.Wv;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
   const bool shifted = args.normalize;  // raw mode has no shift: out is not read
-  // Rows of image n's volumes (not Operand::row per row: its image offset
-  // divides).
-  const scalar_t* g_image = args.grad_out.row(n, 0, 0);
-  const scalar_t* o_image = shifted ? args.out.row(n, 0, 0) : nullptr;
-  // Elements [x_lo, x_hi) of offset k's row y of grad_out (or out) from x
-  // offset dx on, in acc_t, indexed by x: in place, or converted into
-  // `buffer`.
-  auto g_at = [&](int64_t k, int64_t y, int64_t dx, int64_t x_lo, int64_t x_hi,
-                  acc_t* buffer) STCCL_LAMBDA_INLINE {
-    return row_in_acc(g_image + k * args.grad_out.strides.c + y * args.grad_out.strides.y +
-                          dx * gx,
-                      gx, x_lo, x_hi, buffer);
-  };
-  auto o_at = [&](int64_t k, int64_t y, int64_t dx, int64_t x_lo, int64_t x_hi,
-                  acc_t* buffer) STCCL_LAMBDA_INLINE {
-    return row_in_acc(o_image + k * args.out.strides.c + y * args.out.strides.y + dx * ox, ox,
-                      x_lo, x_hi, buffer);
-  };
   std::fill_n(w, rows * KK * Wv, acc_t(0));
   std::fill_n(shift, rows * Wv, acc_t(0));
   for (int64_t rr = 0; rr < L.image_rows(rows); ++rr) {
@@ -145,15 +127,20 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
       if (mode == GradMode::B) {
         // The output at o = p + d_k whose offset mirror(k) points back at p.
         const int64_t km = mirror_offset(k, K);
-        const acc_t* g = g_at(km, yq, dx, x_lo, x_hi, volume_rows);
-        const acc_t* o = shifted ? o_at(km, yq, dx, x_lo, x_hi, volume_rows + Wv) : nullptr;
+        const acc_t* g = row_in_acc(args.grad_out.row(n, km, yq) + dx * gx, gx, x_lo, x_hi,
+                                    volume_rows);
+        const acc_t* o = shifted ? row_in_acc(args.out.row(n, km, yq) + dx * ox, ox, x_lo,
+                                              x_hi, volume_rows + Wv)
+                                 : nullptr;
         weight_row(g, static_cast<const acc_t*>(nullptr), o, inv_q, x_lo, x_hi, wk, csum);
       } else {
-        const acc_t* g = g_at(k, y, 0, x_lo, x_hi, volume_rows);
-        const acc_t* o = shifted ? o_at(k, y, 0, x_lo, x_hi, volume_rows + Wv) : nullptr;
+        const acc_t* g = row_in_acc(args.grad_out.row(n, k, y), gx, x_lo, x_hi, volume_rows);
+        const acc_t* o =
+            shifted ? row_in_acc(args.out.row(n, k, y), ox, x_lo, x_hi, volume_rows + Wv) : nullptr;
         const acc_t* g_mirror =
             mode == GradMode::Self
-                ? g_at(mirror_offset(k, K), yq, dx, x_lo, x_hi, volume_rows + 2 * Wv)
+                ? row_in_acc(args.grad_out.row(n, mirror_offset(k, K), yq) + dx * gx, gx, x_lo,
+                             x_hi, volume_rows + 2 * Wv)
                 : nullptr;
         weight_row(g, g_mirror, o, inv_q, x_lo, x_hi, wk, csum);
       }

@@ -11,7 +11,6 @@
 #include <cstring>
 #include <new>
 #include <type_traits>
-#include <utility>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -151,49 +150,25 @@ __attribute__((target("avx,f16c"), noinline)) inline void f16c_from_product(
     d[i].x = _cvtss_sh(b != nullptr ? a[i] * b[i] * c[i] : a[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
-// The odd elements of lo and then of hi: for words viewed as halves, their
-// high halves (x86 is little-endian).
-template <typename Halves, std::size_t... I>
-STCCL_ALWAYS_INLINE auto odd_halves(Halves lo, Halves hi, std::index_sequence<I...>) {
-  return __builtin_shufflevector(lo, hi, (2 * I + 1)...);
-}
-
 // d = a in bfloat16 rounded as c10 rounds (to nearest even; any NaN to
-// 0x7fc0), the 16-byte aligned part of d with non-temporal stores, two
-// vectors of this build a step: the rounded words' high halves of both are
-// picked by one shuffle (vpsrld, vpackusdw and vpermq with AVX2), where a
-// vector at a time took a shift, a mask, a pack and a permute for every 8
-// values (fewer instructions; the S1 bfloat16 backward's time the same
-// within the noise, its stores waiting on memory either way).
+// 0x7fc0), the 16-byte aligned part of d with non-temporal stores, a whole
+// vector of this build at a time (the AVX-512 build took 8 values a step
+// before: about a tenth of the S1 bfloat16 backward's time).
 STCCL_ALWAYS_INLINE void bfloat16_stream(const float* a, c10::BFloat16* d, int64_t n) {
   constexpr int64_t V = STCCL_VECTOR_BYTES / 4;
   typedef uint32_t words __attribute__((vector_size(STCCL_VECTOR_BYTES)));
-  typedef uint16_t halves __attribute__((vector_size(STCCL_VECTOR_BYTES)));
+  typedef uint16_t halves __attribute__((vector_size(STCCL_VECTOR_BYTES / 2)));
   typedef float floats __attribute__((vector_size(STCCL_VECTOR_BYTES)));
-  // V floats rounded, each in the high half of its word.
-  auto rounded = [](const float* p) STCCL_LAMBDA_INLINE {
-    floats f;
-    __builtin_memcpy(&f, p, sizeof(f));
-    words u;
-    __builtin_memcpy(&u, &f, sizeof(u));
-    const words r = f != f ? words{} + 0x7fc00000u : u + ((u >> 16) & 1) + 0x7fff;
-    halves h;
-    __builtin_memcpy(&h, &r, sizeof(h));
-    return h;
-  };
   int64_t i = 0;
   for (; i < n && reinterpret_cast<uintptr_t>(d + i) % 16 != 0; ++i) d[i] = c10::BFloat16(a[i]);
-  for (; i + 2 * V <= n; i += 2 * V)
-    stream_store(d + i, odd_halves(rounded(a + i), rounded(a + i + V),
-                                   std::make_index_sequence<2 * V>{}));
-  if (i + V <= n) {  // one vector more: the first half of the pair it makes with itself
-    const halves h = rounded(a + i);
-    const halves pair = odd_halves(h, h, std::make_index_sequence<2 * V>{});
-    typedef uint16_t half_vector __attribute__((vector_size(STCCL_VECTOR_BYTES / 2)));
-    half_vector first;
-    __builtin_memcpy(&first, &pair, sizeof(first));
-    stream_store(d + i, first);
-    i += V;
+  for (; i + V <= n; i += V) {
+    floats f;
+    __builtin_memcpy(&f, a + i, sizeof(f));
+    words u;
+    __builtin_memcpy(&u, &f, sizeof(u));
+    const words nan = (words)(f != f);
+    const words rounded = (u + ((u >> 16) & 1) + 0x7fff) >> 16;
+    stream_store(d + i, __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0), halves));
   }
   for (; i < n; ++i) d[i] = c10::BFloat16(a[i]);
 }
