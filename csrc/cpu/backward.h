@@ -88,6 +88,66 @@ STCCL_ALWAYS_INLINE void weight_row(const acc_t* g, const acc_t* g_mirror, const
   }
 }
 
+// Whether weight_row_vectors reads rows of scalar_t in this build: acc_t and
+// bfloat16 anywhere, float16 in the native builds (NATIVE: the band runs
+// there, see load of half types in simd.h).
+template <bool NATIVE, typename scalar_t, typename acc_t>
+constexpr bool rows_load_as_acc() {
+  return std::is_same_v<scalar_t, acc_t> || std::is_same_v<scalar_t, c10::BFloat16> ||
+         (NATIVE && HALF_LOADS);
+}
+
+template <bool NATIVE, typename acc_t, typename scalar_t>
+STCCL_ALWAYS_INLINE typename Simd<acc_t>::vec load_row_vector(const scalar_t* p) {
+  if constexpr (NATIVE && HALF_LOADS && !std::is_same_v<scalar_t, acc_t>) return load(p);
+  else return load_as<acc_t>(p);
+}
+
+// weight_row in whole vectors, g, g_mirror and o read where they lie
+// (contiguous rows of scalar_t, converted in registers): no rows converted
+// into volume_rows first and no scalar tail. The last vector ends at x_hi
+// and overlaps the one before it, whose lanes keep the sums they have.
+// Needs x_hi - x_lo >= V.
+template <bool NATIVE, typename scalar_t, typename acc_t>
+STCCL_ALWAYS_INLINE void weight_row_vectors(const scalar_t* g, const scalar_t* g_mirror,
+                                            const scalar_t* o, const acc_t* inv_q, int64_t x_lo,
+                                            int64_t x_hi, acc_t* wk, acc_t* csum) {
+  using vec = typename Simd<acc_t>::vec;
+  using lanes_vec = decltype(vec{} < vec{});
+  using lane_t = decltype(lanes_vec{}[0] + 0);
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  auto loop = [&](auto with_mirror, auto with_shift) STCCL_LAMBDA_INLINE {
+    auto vector_at = [&](int64_t x, auto masked, lanes_vec keep) STCCL_LAMBDA_INLINE {
+      vec gv = load_row_vector<NATIVE, acc_t>(g + x);
+      if constexpr (decltype(with_mirror)::value)
+        gv += load_row_vector<NATIVE, acc_t>(g_mirror + x);
+      store(wk + x, gv * load(inv_q + x));
+      if constexpr (decltype(with_shift)::value) {
+        const vec sum = load(csum + x);
+        vec next = sum + gv * load_row_vector<NATIVE, acc_t>(o + x);
+        if constexpr (decltype(masked)::value) next = keep ? next : sum;
+        store(csum + x, next);
+      }
+    };
+    int64_t x = x_lo;
+    for (; x + V <= x_hi; x += V) vector_at(x, std::false_type{}, lanes_vec{});
+    if (x < x_hi) {
+      lanes_vec lane{};
+      for (int i = 0; i < V; ++i) lane[i] = i;
+      vector_at(x_hi - V, std::true_type{}, lane >= static_cast<lane_t>(x - (x_hi - V)));
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (g_mirror) {
+    if (o) loop(yes{}, yes{});
+    else loop(yes{}, no{});
+  } else {
+    if (o) loop(no{}, yes{});
+    else loop(no{}, no{});
+  }
+}
+
 // The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
 // scale and shift, for one band. With â = a * ra:
 //   grad_a[p] = ra_p sum_k g[p,k] rb_q b_q - pass_p ra_p^2 c_p a_p,
@@ -97,7 +157,7 @@ STCCL_ALWAYS_INLINE void weight_row(const acc_t* g, const acc_t* g_mirror, const
 //   self:       G[p,k] = g[p,k] + g[q,mirror(k)] (the two roles of x).
 // So grad[p] = scale_p * sum_k w[k][p] other[p + d_k] - shift_p own_p. The
 // norms are the band's halo arrays of halo_norms.
-template <typename scalar_t, typename acc_t>
+template <bool NATIVE, typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& args,
                                           const Layout<acc_t>& L, GradMode mode, int64_t n,
                                           int64_t y0, int64_t rows, const acc_t* inv_own,
@@ -107,6 +167,8 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
   const int64_t K = L.K, KK = L.KK, H = L.image_H, W = L.image_W, Wv = L.Wv;
   const int64_t gx = args.grad_out.strides.x, ox = args.out.strides.x;
   const bool shifted = args.normalize;  // raw mode has no shift: out is not read
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const bool rows_as_they_lie = gx == 1 && (!shifted || ox == 1);
   std::fill_n(w, rows * KK * Wv, acc_t(0));
   std::fill_n(shift, rows * Wv, acc_t(0));
   for (int64_t rr = 0; rr < L.image_rows(rows); ++rr) {
@@ -124,6 +186,19 @@ STCCL_ALWAYS_INLINE void gradient_weights(const BackwardArgs<scalar_t, acc_t>& a
       const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(W, W - dx);
       acc_t* wk = w + w_row + k * Wv;
       const acc_t* inv_q = inv_other + s_row + dy * L.row_step + dx;
+      if constexpr (rows_load_as_acc<NATIVE, scalar_t, acc_t>()) {
+        if (rows_as_they_lie && x_hi - x_lo >= V) {
+          const bool b = mode == GradMode::B;
+          const int64_t kg = b ? mirror_offset(k, K) : k, yg = b ? yq : y, xg = b ? dx : 0;
+          const scalar_t* mirror =
+              mode == GradMode::Self ? args.grad_out.row(n, mirror_offset(k, K), yq) + dx
+                                     : nullptr;
+          weight_row_vectors<NATIVE>(args.grad_out.row(n, kg, yg) + xg, mirror,
+                                     shifted ? args.out.row(n, kg, yg) + xg : nullptr, inv_q,
+                                     x_lo, x_hi, wk, csum);
+          continue;
+        }
+      }
       if (mode == GradMode::B) {
         // The output at o = p + d_k whose offset mirror(k) points back at p.
         const int64_t km = mirror_offset(k, K);
@@ -654,13 +729,13 @@ STCCL_ALWAYS_INLINE void backward_band(const BackwardArgs<scalar_t, acc_t>& args
     return;
   }
   if (args.grad_a)
-    gradient_weights(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows, A.inv.data(),
-                     A.pass.data(), B.inv.data(), ws.w_a.data(), ws.scale_a.data(),
-                     ws.shift_a.data(), ws.volume_rows.data());
+    gradient_weights<ROW_PAIRS>(args, L, two ? GradMode::A : GradMode::Self, n, y0, rows,
+                                A.inv.data(), A.pass.data(), B.inv.data(), ws.w_a.data(),
+                                ws.scale_a.data(), ws.shift_a.data(), ws.volume_rows.data());
   if (args.grad_b)
-    gradient_weights(args, L, GradMode::B, n, y0, rows, B.inv.data(), B.pass.data(),
-                     A.inv.data(), ws.w_b.data(), ws.scale_b.data(), ws.shift_b.data(),
-                     ws.volume_rows.data());
+    gradient_weights<ROW_PAIRS>(args, L, GradMode::B, n, y0, rows, B.inv.data(),
+                                B.pass.data(), A.inv.data(), ws.w_b.data(), ws.scale_b.data(),
+                                ws.shift_b.data(), ws.volume_rows.data());
   // Raw mode's flat layout reads each chunk where it lies for the vectors
   // inside the image and stages only the edges (the epilogue reads no `own`
   // rows there): staging went through the cache once more for every value

@@ -213,8 +213,9 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
                      acc_t* shift) STCCL_LAMBDA_INLINE {
     term.grad_out = grad_out;
     term.out = out;
-    gradient_weights(term, Lw, mode, 0, y0, rows, own_band.inv.data(), own_band.pass.data(),
-                     other.inv.data(), w, scale, shift, ws.volume_rows.data());
+    gradient_weights<ROW_PAIRS>(term, Lw, mode, 0, y0, rows, own_band.inv.data(),
+                                own_band.pass.data(), other.inv.data(), w, scale, shift,
+                                ws.volume_rows.data());
   };
   if (has_self)
     weights(*args.spatial_layout, GradMode::Self, image_view(args.grad_spatial, m),
