@@ -61,8 +61,7 @@ enum class Pass { Forward, ClipForward, Backward, ClipBackward };
 // FLAT_MAX_SMALL_WINDOW_PIXELS (its window blocks hold all nine sums; rows
 // pay a halo and a partly empty vector per row), the backward while a
 // channel's image takes at most FLAT_MAX_SMALL_WINDOW_BACKWARD_BYTES in the
-// inputs' type (3600 pixels of a half type, 1800 of float32, 900 of float64;
-// the AVX2 build counts half types as float, see Layout::counted_bytes:
+// inputs' type (3600 pixels of a half type, 1800 of float32, 900 of float64:
 // flat stages and converts whole images in one run, rows a band at a time
 // with its halo, and flat's staged chunk outgrows the caches on larger
 // images). Both passes' results are bitwise the same in either layout, so

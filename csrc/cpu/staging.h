@@ -208,7 +208,7 @@ struct Layout {
                     (choice == LayoutChoice::Auto && pixel_gather_pays(C, K)));
     flat = !pixel_gather && flat_ok && choice != LayoutChoice::Rows &&
            (choice == LayoutChoice::Flat ||
-            flat_pays(pass, N, C, H, W, K, counted_bytes(element_bytes), at::get_num_threads()));
+            flat_pays(pass, N, C, H, W, K, element_bytes, at::get_num_threads()));
     if (flat) {
       H = 1;
       W = image_H * image_W;
@@ -264,15 +264,6 @@ struct Layout {
     single_gradient_run =
         single_run && H * W * int64_t(sizeof(acc_t)) <= SINGLE_GRADIENT_RUN_BYTES;
     inset = (pad - window.pad()) * (row_step + 1);
-  }
-  // The element size the layout rule counts: the inputs' in the AVX-512 build;
-  // at least the accumulation type's in the others, where the half types'
-  // flat backward stopped paying at the same pixel count as float32's
-  // (measured in docs/cpu_kernels.md: AVX2, bfloat16 56 x 56 1.06, 48 x 48
-  // 1.10, 40 x 40 0.94).
-  static int64_t counted_bytes(int64_t element_bytes) {
-    return STCCL_VECTOR_BYTES == 64 ? element_bytes
-                                    : std::max<int64_t>(element_bytes, sizeof(acc_t));
   }
   int64_t tasks() const { return N * bands; }
   // Elements of the buffer that gathers `runs` runs of a band before streaming.
