@@ -644,8 +644,9 @@ def test_pixel_gather_weights_in_place_or_copied_alike(cpu_layout, dtype, width)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_backward_of_strided_volumes_as_of_contiguous(cpu_layout, cpu_path, dtype, normalize):
     """grad_out and out as channels_last or x-strided views give the bits of
-    their contiguous copies (the weights read rows of the accumulation type
-    in place and convert the rest), a and b's and a self-correlation's."""
+    their contiguous copies (the weights read contiguous rows in place,
+    converted in registers, and convert strided ones a row at a time first),
+    a and b's and a self-correlation's."""
     g = torch.Generator().manual_seed(9)
     N, C, H, W, K = 3, 20, 7, 9, 3
     a = torch.randn(N, C, H, W, generator=g).to(dtype)
