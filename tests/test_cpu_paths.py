@@ -315,41 +315,48 @@ def test_freed_results_are_reused_and_written_whole(shape, kernel_size, dilation
 
 @pytest.mark.parametrize("cpu_path", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("channels, kernel_size", [(4, 7), (24, 5)],
-                         ids=["pixel-gather", "rows"])
+@pytest.mark.parametrize("channels, kernel_size", [(4, 7), (24, 5), (24, 3)],
+                         ids=["pixel-gather", "rows", "window-3x3"])
 @pytest.mark.parametrize("width", [64, 66], ids=["whole-vectors", "partial-vector"])
+@pytest.mark.parametrize("op", ["local", "temporal"])
 def test_results_streamed_straight_or_through_a_buffer(cpu_path, dtype, channels, kernel_size,
-                                                       width):
+                                                       width, op):
     """Where a band's rows are whole vectors (width 64), the forward streams
     each offset's rows straight into the output and the backward's last step
-    (pixel gather, windows over 3 x 3) its gradients; else (66) both go
-    through a buffer. Into freed results poisoned with NaN (every result here
-    is kept: 128 KiB or more), against the reference."""
-    shape = (2, channels, 72, width)
+    its gradients (pixel gather, windows over 3 x 3, and with 64-byte vectors
+    the gather of windows up to 3 x 3 too, the clip's gradient as the
+    pair's); else (66) they go through a buffer. Into freed results poisoned
+    with NaN (every result here is kept: 128 KiB or more), against the
+    reference."""
+    KK = kernel_size ** 2
+    if op == "local":
+        shapes, out_shape = [(2, channels, 72, width)] * 2, (2, KK, 72, width)
+        mine = lambda p, q: stccl_ops.local_correlation(p, q, kernel_size, backend="cpp")
+        theirs = lambda p, q: reference.local_correlation(p, q, kernel_size)
+    else:
+        shapes, out_shape = [(1, 3, channels, 72, width)], (1, 2, KK, 72, width)
+        mine = lambda v: stccl_ops.temporal_correlation(v, kernel_size, backend="cpp")
+        theirs = lambda v: reference.temporal_correlation(v, kernel_size)
 
     def run():
         g = torch.Generator().manual_seed(11)
-        a = leaf(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
-        b = leaf(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
-        grad_out = torch.randn(shape[0], kernel_size ** 2, *shape[2:], generator=g,
-                               dtype=torch.float64).to(dtype)
-        out, got = grads(lambda p, q: stccl_ops.local_correlation(p, q, kernel_size,
-                                                                   backend="cpp"),
-                         (a, b), grad_out)
-        return a, b, grad_out, (out, *got)
+        inputs = [leaf(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
+                  for shape in shapes]
+        grad_out = torch.randn(out_shape, generator=g, dtype=torch.float64).to(dtype)
+        out, got = grads(mine, inputs, grad_out)
+        return inputs, grad_out, (out, *got)
 
     *_, first = run()
     pointers = sorted(t.data_ptr() for t in first)
     for result in first:
         result.detach().fill_(float("nan"))
     del first, result
-    a, b, grad_out, (out, *got) = run()
+    inputs, grad_out, (out, *got) = run()
     assert sorted(t.data_ptr() for t in (out, *got)) == pointers
-    ref, want = grads(lambda p, q: reference.local_correlation(p, q, kernel_size),
-                      (leaf(a), leaf(b)), grad_out)
+    ref, want = grads(theirs, [leaf(t) for t in inputs], grad_out)
     assert_close(out, ref)
-    for mine, theirs in zip(got, want):
-        assert_close(mine, theirs, "grad")
+    for mine_grad, their_grad in zip(got, want):
+        assert_close(mine_grad, their_grad, "grad")
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ STCCL_ALWAYS_INLINE void gather_chunk(const Layout<acc_t>& L, int64_t rows, int6
     if (final)
       e = {final->scale + rr * Wv + xb, final->shift ? final->shift + rr * Wv + xb : nullptr,
            final->own + rr * WB + xb, final->own_cstride, final->runs + rr * W + xb,
-           final->run_cstride};
+           final->run_cstride, final->streamed};
     return e;
   };
   if (K <= 3) {
@@ -599,17 +599,23 @@ STCCL_ALWAYS_INLINE void pixel_gather_term(const Layout<acc_t>& L, const Operand
 // are whole vectors from a 16-byte boundary (acc_t gradients), else in
 // `runs` (run_cstride apart), which write_gradient streams out. Streamed
 // straight, a gradient value goes through the cache once less (S3 backward
-// 12.7-13.1 -> 12.1-12.4 ms, 2 x 16 x 128 x 128 K = 5 1.31 -> 1.25); not
-// from the gather of windows up to 3 x 3, which writes a vector of every
-// channel in turn: lines written in parts, far apart, took S1's backward
-// from 4.4 to 9.0 ms.
+// 12.7-13.1 -> 12.1-12.4 ms, 2 x 16 x 128 x 128 K = 5 1.31 -> 1.25). The
+// gather of windows up to 3 x 3 writes a vector of every channel in turn:
+// with 32-byte vectors, lines written in halves, far apart, took S1's
+// backward from 4.4 to 9.0 ms, so it streams only where each vector is a
+// whole line (64-byte vectors from a line boundary; Zen 4, 2 threads,
+// backward: 2 x 32 x 8 x 1024 0.549 -> 0.468 ms, 2 x 64 x 64 x 512 4.48 ->
+// 4.09, S1 4.11 -> 3.88).
 template <typename scalar_t, typename acc_t>
 STCCL_ALWAYS_INLINE GradientEpilogue<acc_t> gradient_epilogue(
     const Layout<acc_t>& L, int64_t n, int64_t c0, int64_t y0, const acc_t* scale,
     const acc_t* shift, const acc_t* own, int64_t own_cstride, acc_t* runs, scalar_t* grad) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     acc_t* first = grad + ((n * L.C + c0) * L.H + y0) * L.W;
-    if ((L.pixel_gather || L.K > 3) && !L.single_gradient_run && L.rows_stream_from(first))
+    const bool whole_lines = Simd<acc_t>::lanes * int64_t(sizeof(acc_t)) == 64 &&
+                             reinterpret_cast<uintptr_t>(first) % 64 == 0;
+    if ((L.pixel_gather || L.K > 3 || whole_lines) && !L.single_gradient_run &&
+        L.rows_stream_from(first))
       return {scale, shift, own, own_cstride, first, L.H * L.W, true};
   }
   return {scale, shift, own, own_cstride, runs, L.run_cstride};

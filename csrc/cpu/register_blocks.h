@@ -248,7 +248,7 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
     scale = load(epi.scale);
     if (epi.shift) shift = load(epi.shift);
   }
-  auto channels = [&](auto shifted) STCCL_LAMBDA_INLINE {
+  auto channels = [&](auto shifted, auto streamed) STCCL_LAMBDA_INLINE {
     for (int64_t cc = 0; cc < count; ++cc, x += x_cstride, dst += dst_cstride) {
       // One partial sum per window row: short chains of dependent FMAs.
       vec s[KW];
@@ -263,19 +263,21 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
 #pragma GCC unroll 16
       for (int i = 0; i < KW; ++i) total += s[i];
       if constexpr (FINAL) {
-        store(epi.runs + cc * epi.run_cstride,
-              GradientEpilogue<acc_t>::template gradient<decltype(shifted)::value>(
-                  scale, shift, total, epi.own));
+        const vec g = GradientEpilogue<acc_t>::template gradient<decltype(shifted)::value>(
+            scale, shift, total, epi.own);
+        if constexpr (decltype(streamed)::value) stream_store(epi.runs + cc * epi.run_cstride, g);
+        else store(epi.runs + cc * epi.run_cstride, g);
         epi.own += epi.own_cstride;
       } else {
         store(dst, total);
       }
     }
   };
-  if (FINAL && !epi.shift)
-    channels(std::false_type{});
-  else
-    channels(std::true_type{});
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (!FINAL) channels(yes{}, no{});
+  else if (epi.streamed) epi.shift ? channels(yes{}, yes{}) : channels(no{}, yes{});
+  else epi.shift ? channels(yes{}, no{}) : channels(no{}, no{});
 }
 
 // Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register

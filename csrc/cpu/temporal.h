@@ -249,9 +249,9 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
   for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
     const int64_t count = std::min(L.chunk, L.C - c0);
     const acc_t* own_rows = stage_chunk(own, L, 0, c0, count, y0, rows_b, own_band.stage.data());
-    const GradientEpilogue<acc_t> final{scale, args.normalize ? shift : nullptr,
-                                        own_rows + L.own_offset(), L.stage_cstride,
-                                        ws.runs.data(), L.run_cstride};
+    const GradientEpilogue<acc_t> final =
+        gradient_epilogue(L, m, c0, y0, scale, args.normalize ? shift : nullptr,
+                          own_rows + L.own_offset(), L.stage_cstride, ws.runs.data(), args.grad);
     if (has_self) {
       const Layout<acc_t>& Ls = *args.spatial_layout;
       gather_chunk<ROW_PAIRS>(Ls, rows, count, ws.w_s.data(), own_rows + Ls.inset,
@@ -271,9 +271,10 @@ STCCL_ALWAYS_INLINE void clip_backward_band(const ClipBackwardArgs<scalar_t, acc
           stage_chunk(prev, L, 0, c0, count, y0, rows_b, prev_band->stage.data()) + L.inset,
           static_cast<const acc_t*>(nullptr), 0, ws.dst.data(), has_self || has_next, &final);
     }
-    if (!has_self && !has_next && !has_prev)  // a frame in no pair (T < 2s): zero gradient
-      std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));
-    write_gradient(L, m, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
+    const bool no_term = !has_self && !has_next && !has_prev;  // a frame in no pair (T < 2s)
+    if (no_term) std::fill_n(ws.runs.data(), count * L.run_cstride, acc_t(0));
+    if (no_term || !final.streamed)
+      write_gradient(L, m, c0, count, y0, rows, ws.runs.data(), ws.converted.data(), args.grad);
   }
 }
 
