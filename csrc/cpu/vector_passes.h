@@ -221,8 +221,9 @@ bool clip_forward(const at::Tensor& v, const Window& wt, const Window* ws, int64
 }
 
 // temporal_correlation: each frame staged once (clip_forward_band) when a
-// band of all channels fits the staging bound, else the two frame views
-// correlated like any a and b.
+// band of all channels fits the staging bound and the pairs would not go
+// flat (see clip_forward), else the two frame views correlated like any a
+// and b.
 at::Tensor temporal_forward(const at::Tensor& v, const Window& w, int64_t frame_stride) {
   at::Tensor out, unused;
   bool done = false;
