@@ -63,21 +63,6 @@ STCCL_ALWAYS_INLINE const acc_t* row_in_acc(const scalar_t* row, int64_t stride,
   return buffer;
 }
 
-// loop(with_mirror, with_shift) with both as compile-time constants
-// (std::true_type / std::false_type): the weight loops' two options.
-template <typename Loop>
-STCCL_ALWAYS_INLINE void with_mirror_and_shift(bool mirror, bool shift, Loop& loop) {
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (mirror) {
-    if (shift) loop(yes{}, yes{});
-    else loop(yes{}, no{});
-  } else {
-    if (shift) loop(no{}, yes{});
-    else loop(no{}, no{});
-  }
-}
-
 // One row of gradient_weights: wk = (g + g_mirror) * inv_q over [x_lo, x_hi)
 // and, given `out` (o), the shift's sums csum += (g + g_mirror) * o.
 template <typename acc_t>
@@ -92,7 +77,7 @@ STCCL_ALWAYS_INLINE void weight_row(const acc_t* g, const acc_t* g_mirror, const
       if constexpr (decltype(with_shift)::value) csum[x] += gv * o[x];
     }
   };
-  with_mirror_and_shift(g_mirror != nullptr, o != nullptr, loop);
+  with_flags(g_mirror != nullptr, o != nullptr, loop);
 }
 
 // Whether weight_row_vectors reads rows of scalar_t in this build: acc_t and
@@ -144,7 +129,7 @@ STCCL_ALWAYS_INLINE void weight_row_vectors(const scalar_t* g, const scalar_t* g
       vector_at(x_hi - V, std::true_type{}, lane >= static_cast<lane_t>(x - (x_hi - V)));
     }
   };
-  with_mirror_and_shift(g_mirror != nullptr, o != nullptr, loop);
+  with_flags(g_mirror != nullptr, o != nullptr, loop);
 }
 
 // The weight w[k][p] of other[p + d_k] in the gradient at p, and the per-pixel
@@ -255,15 +240,7 @@ STCCL_ALWAYS_INLINE void finish_chunk(const Layout<acc_t>& L, int64_t rows, int6
       }
     }
   };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (final.streamed) {
-    if (final.shift) channels(yes{}, yes{});
-    else channels(no{}, yes{});
-  } else {
-    if (final.shift) channels(yes{}, no{});
-    else channels(no{}, no{});
-  }
+  with_flags(final.shift != nullptr, final.streamed, channels);
 }
 
 // dst[cc][rr] (+)= sum_k w[k][rr] * other_stage[cc][rr + d_k] for one chunk;

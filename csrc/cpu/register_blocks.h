@@ -201,6 +201,22 @@ STCCL_ALWAYS_INLINE void gather_pair_block(const acc_t* w0, const acc_t* w1, int
   }
 }
 
+// loop(first, second) with both flags as compile-time constants
+// (std::true_type / std::false_type): the inner loops' options (the weight
+// loops' mirror and shift, the epilogue's shift and streaming).
+template <typename Loop>
+STCCL_ALWAYS_INLINE void with_flags(bool first, bool second, Loop& loop) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (first) {
+    if (second) loop(yes{}, yes{});
+    else loop(yes{}, no{});
+  } else {
+    if (second) loop(no{}, yes{});
+    else loop(no{}, no{});
+  }
+}
+
 // The last step of a gradient, grad[c][p] = scale_p * sum_p - shift_p * own[c][p]
 // with own from its staged rows, written to `runs`: a channel's rows of the
 // band one after the other (W apart), channels run_cstride apart. At one
@@ -273,11 +289,8 @@ STCCL_ALWAYS_INLINE void gather_window(const acc_t* w, int64_t w_stride, const a
       }
     }
   };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (!FINAL) channels(yes{}, no{});
-  else if (epi.streamed) epi.shift ? channels(yes{}, yes{}) : channels(no{}, yes{});
-  else epi.shift ? channels(yes{}, no{}) : channels(no{}, no{});
+  if constexpr (FINAL) with_flags(epi.shift != nullptr, epi.streamed, channels);
+  else channels(std::true_type{}, std::false_type{});
 }
 
 // Runs BLOCK<J, DIL> over `offsets` offsets of a window row in register
