@@ -62,6 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the automatic rule lays out a pass over (N, C, H, W) images of elements of "
         "element_bytes with window K flat on `threads` threads ('forward', 'clip_forward', "
         "'backward' or 'clip_backward').");
+  m.def("_cpu_row_groups_pay", &stccl::cpu::row_groups_pay,
+        "Whether the automatic rule gives a flat forward over images W wide with window K and "
+        "this dilation, `lanes` values a vector, row groups (AVX-512 builds).");
   m.def("_cpu_pixel_gather_pays", &stccl::cpu::pixel_gather_pays,
         "Whether the automatic rule gives the backward of C channels and window K the pixel gather.");
 }

@@ -409,32 +409,60 @@ def test_layout_rule_on_both_sides_of_its_thresholds():
         is_flat("sideways", 1, 1, 1, 1, 1, 4, 1)
 
 
+def test_row_groups_rule_on_both_sides_of_its_threshold():
+    """The flat forward of a 3 x 3 window with dilation 1 takes row groups
+    where at most a quarter of the lanes of each row's vectors is lost (16
+    lanes: W of 12 to 16, 24 to 32, ...; float64's 8: 6 to 8, 12 to 16, ...)."""
+    pays = _extension._C._cpu_row_groups_pay
+    for W in (12, 14, 16, 24, 28, 31, 32, 36, 48, 56, 60):
+        assert pays(W, 3, 1, 16), W
+    for W in (1, 7, 8, 11, 17, 20, 23, 33, 35):
+        assert not pays(W, 3, 1, 16), W
+    assert pays(6, 3, 1, 8) and pays(14, 3, 1, 8) and not pays(5, 3, 1, 8) and not pays(9, 3, 1, 8)
+    assert not pays(56, 5, 1, 16) and not pays(56, 1, 1, 16) and not pays(56, 3, 2, 16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size,K,dilation", [((3, 37, 29, 31), 3, 1), ((2, 20, 13, 40), 3, 2),
-                                             ((2, 17, 56, 56), 1, 1), ((2, 19, 12, 21), 5, 1)])
+                                             ((2, 17, 56, 56), 1, 1), ((2, 19, 12, 21), 5, 1),
+                                             ((2, 16, 13, 12), 3, 1), ((3, 18, 2, 20), 3, 1),
+                                             ((2, 16, 7, 7), 3, 1)])
 def test_forward_is_bitwise_the_same_in_both_layouts(dtype, size, K, dilation):
     """The forward's layout rule reads the thread count (flat has one task per
     image); the results stay independent of it because each output is summed
-    in the same order either way."""
+    in the same order either way: in rows, flat, and flat in row groups
+    (groups of three rows and the last one or two; forced where the rule
+    would not take them)."""
     g = torch.Generator().manual_seed(5)
     a = torch.randn(size, generator=g).to(dtype)
     b = torch.randn(size, generator=g).to(dtype)
+    # a's last image read in place to its storage's end, and with more after
+    # it (the row groups read past a row's end: the last image of a fresh
+    # tensor takes the flat blocks instead)
+    a_inside = torch.randn((size[0] + 1, *size[1:]), generator=g).to(dtype)[:size[0]]
+    a_inside.copy_(a)
     results = {}
     try:
-        for layout in ("rows", "flat"):
+        for layout in ("rows", "flat", "groups"):
             _extension._C._set_cpu_layout(layout)
             results[layout] = (stccl_ops.local_correlation(a, b, K, dilation, backend="cpp"),
+                               stccl_ops.local_correlation(a_inside, b, K, dilation,
+                                                           backend="cpp"),
                                stccl_ops.spatial_correlation(a, K, dilation, backend="cpp"))
     finally:
         _extension._C._set_cpu_layout("auto")
-    for rows, flat in zip(results["rows"], results["flat"]):
-        assert torch.equal(rows, flat)
+    for layout in ("flat", "groups"):
+        for rows, other in zip(results["rows"], results[layout]):
+            assert torch.equal(rows, other)
+    assert torch.equal(results["rows"][0], results["rows"][1])
     # auto on 2 images: flat on one thread and rows on three where K <= 3
+    # (narrow images: flat on any)
     N, C, H, W = a[:2].shape
     is_flat = _extension._C._cpu_layout_is_flat
     bytes_ = a.element_size()
     assert (is_flat("forward", N, C, H, W, K, bytes_, 1) != is_flat("forward", N, C, H, W, K,
-                                                                     bytes_, 3) or K > 3)
+                                                                     bytes_, 3)
+            or K > 3 or (W <= 16 and H * W <= 256))
     for threads in (1, 3):
         with with_threads(threads):
             out = stccl_ops.local_correlation(a[:2], b[:2], K, dilation, backend="cpp")

@@ -188,7 +188,8 @@ def cpu_mode(request):
 
 @needs_extension
 @pytest.mark.parametrize("cpu_mode", [(isa, layout) for isa in CPU_PATHS
-                                      for layout in ("rows", "flat", "pixels")], indirect=True,
+                                      for layout in ("rows", "flat", "groups", "pixels")],
+                         indirect=True,
                          ids=lambda m: "-".join(m))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", ["stccl", "wider-temporal", "wider-spatial-stride2-raw"])

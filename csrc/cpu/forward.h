@@ -20,8 +20,8 @@ struct Workspace {
   Buffer<acc_t> out_rows;  // the output rows of a band (one offset's or all), in scalar_t
   explicit Workspace(const Layout<acc_t>& L)
       : a_stage(L.chunk * L.a_cstride),
-        b_stage(L, L.chunk * L.stage_cstride),
-        acc(L.band_rows * L.KK * L.Wv),
+        b_stage(L, L.chunk * L.stage_cstride + Simd<acc_t>::lanes),  // (see correlate_row_groups)
+        acc(L.KK * std::max(L.band_rows * L.Wv, L.image_H * L.group_W)),
         inv_a(L.band_rows * L.Wv),
         inv_b(L, L.rows_b * L.WB),
         out_rows(L.run_buffer(L.KK)) {}
@@ -85,6 +85,62 @@ STCCL_ALWAYS_INLINE void correlate_flat(const Layout<acc_t>& L, bool self, int64
                       acc + (r * K + j0) * Wv + xb, Wv);
     }
   });
+}
+
+// correlate_flat of a 3 x 3 window in groups of three output rows
+// (Layout::group_W; see correlate_rows_window_block). Each row's x vectors
+// start at its first pixel and its sums lie group_W apart ([K*K][H][group_W]),
+// so the vectors that run past a row's end (reading the next row's pixels,
+// and up to group_W - W values past the image: the caller checks that a has
+// them; b's workspace has a vector to spare) put those lanes where
+// compact_row_groups drops them.
+template <typename a_t, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_row_groups(const Layout<acc_t>& L, int64_t count,
+                                              const a_t* a_rows, int64_t a_cstride,
+                                              const acc_t* b_stage, acc_t* acc) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  const int64_t H = L.image_H, W = L.image_W, Wp = L.group_W, plane = H * Wp;
+  for (int64_t y = 0; y < H; y += 3) {
+    for (int64_t x = 0; x < W; x += V) {
+      auto run = [&](auto group_rows) STCCL_LAMBDA_INLINE {
+        NativeBlocks::rows_window<decltype(group_rows)::value>(
+            a_rows + y * W + x, W, a_cstride, b_stage + y * W + x, L.stage_cstride, W, count,
+            acc + y * Wp + x, Wp, plane);
+      };
+      switch (std::min<int64_t>(3, H - y)) {
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        default: run(std::integral_constant<int, 1>{}); break;
+      }
+    }
+  }
+}
+
+// The row groups' sums to the flat layout's [K*K][Wv], in place (each row
+// moves to a lower or the same address, after every row before it).
+template <typename acc_t>
+STCCL_ALWAYS_INLINE void compact_row_groups(const Layout<acc_t>& L, acc_t* acc) {
+  const int64_t H = L.image_H, W = L.image_W;
+  for (int64_t k = 0; k < L.KK; ++k)
+    for (int64_t y = 0; y < H; ++y)
+      std::memmove(acc + k * L.Wv + y * W, acc + (k * H + y) * L.group_W,
+                   W * int64_t(sizeof(acc_t)));
+}
+
+// sum_sq[x] += the squares of count channels of a flat image read in place,
+// x in [0, width), channels in order (as correlate_flat's blocks add them).
+template <typename a_t, typename acc_t>
+STCCL_ALWAYS_INLINE void add_flat_squares(const a_t* a, int64_t a_cstride, int64_t count,
+                                          int64_t width, acc_t* sum_sq) {
+  constexpr int64_t V = Simd<acc_t>::lanes;
+  for (int64_t x = 0; x < width; x += V) {
+    typename Simd<acc_t>::vec sq = load(sum_sq + x);
+    for (int64_t c = 0; c < count; ++c) {
+      const typename Simd<acc_t>::vec v = load(a + c * a_cstride + x);
+      sq += v * v;
+    }
+    store(sum_sq + x, sq);
+  }
 }
 
 // acc[rr][k] += the sums over one chunk of channels, for every offset k (a
@@ -280,7 +336,15 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
   acc_t* acc = ws.acc.data();
   acc_t* inv_b = ws.inv_b.data();
   acc_t* inv_a = ws.inv_a.data();
-  std::fill_n(acc, rows * L.KK * Wv, acc_t(0));
+  // Row groups (Layout::group_W) where a is read in place and holds each
+  // group's last vectors whole.
+  constexpr bool half_in_place = ROW_PAIRS && HALF_LOADS;
+  const bool grouped =
+      STCCL_VECTOR_BYTES == 64 && ROW_PAIRS && (std::is_same_v<scalar_t, acc_t> || half_in_place) &&
+      L.group_W > 0 && L.C > 0 && !args.self && args.a.strides.x == 1 &&
+      args.a.end - args.a.row(n, L.C - 1, 0) >=
+          std::max(L.Wv, (L.image_H - 1) * L.image_W + L.group_W);
+  std::fill_n(acc, L.KK * (grouped ? L.image_H * L.group_W : rows * Wv), acc_t(0));
   std::fill_n(inv_b, rows_b * WB, acc_t(0));
   if (!args.self) std::fill_n(inv_a, rows * Wv, acc_t(0));
 
@@ -306,7 +370,14 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
       // of the code before, alternating: 32 x 512 x 10 x 10 K = 7 2.33 ->
       // 2.02 ms; S1 (float32, float16, bfloat16), S2, 7 x 7 and 8 x 8 maps
       // within the noise.
-      if constexpr (std::is_same_v<scalar_t, acc_t> || (ROW_PAIRS && HALF_LOADS)) {
+      if constexpr (std::is_same_v<scalar_t, acc_t> || half_in_place) {
+        if constexpr (STCCL_VECTOR_BYTES == 64 && ROW_PAIRS) {
+          if (grouped) {
+            if (args.normalize) add_flat_squares(a_where, args.a.strides.c, count, Wv, inv_a);
+            correlate_row_groups(L, count, a_where, args.a.strides.c, b_stage, acc);
+            continue;
+          }
+        }
         if (a_where && L.flat) {
           correlate_flat<ROW_PAIRS>(L, false, count, a_where, args.a.strides.c, b_stage, acc,
                                     args.normalize ? inv_a : nullptr);
@@ -328,6 +399,7 @@ STCCL_ALWAYS_INLINE void forward_band(const ForwardArgs<scalar_t, acc_t>& args,
     }
   }
 
+  if (grouped) compact_row_groups(L, acc);
   inverse_norms_in_place(L, args.normalize, args.eps, y0 - L.pad_y, rows_b, WB, L.pad_x, inv_b,
                          static_cast<acc_t*>(nullptr));
   if (args.self)

@@ -115,8 +115,11 @@ void set_layout(const std::string& name) {
   if (name == "auto") forced_layout = LayoutChoice::Auto;
   else if (name == "rows") forced_layout = LayoutChoice::Rows;
   else if (name == "flat") forced_layout = LayoutChoice::Flat;
+  else if (name == "groups") forced_layout = LayoutChoice::Groups;
   else if (name == "pixels") forced_layout = LayoutChoice::Pixels;
-  else TORCH_CHECK(false, "stccl_ops: unknown CPU layout '", name, "' (auto, rows, flat, pixels)");
+  else
+    TORCH_CHECK(false, "stccl_ops: unknown CPU layout '", name,
+                "' (auto, rows, flat, groups, pixels)");
 }
 
 }  // namespace stccl::cpu

@@ -39,10 +39,12 @@ Isa isa_for_call(int64_t W, int64_t acc_bytes);
 // call by its rule (Auto), or forced (for tests; an operand that cannot be
 // read flat still gets rows).
 // Pixels: the backward's pixel gather wherever it can run (see
-// pixel_gather_pays), rows or flat by the rule for the rest.
-enum class LayoutChoice { Auto, Rows, Flat, Pixels };
+// pixel_gather_pays), rows or flat by the rule for the rest. Flat: without
+// the forward's row groups (see row_groups_pay); Groups: flat, with them
+// wherever they can run.
+enum class LayoutChoice { Auto, Rows, Flat, Groups, Pixels };
 LayoutChoice layout_choice();
-// "auto", "rows", "flat" or "pixels"; raises for an unknown name.
+// "auto", "rows", "flat", "groups" or "pixels"; raises for an unknown name.
 void set_layout(const std::string& name);
 
 // The passes a layout serves: a forward, a backward, and a clip's fused
@@ -80,6 +82,17 @@ inline bool flat_pays(Pass pass, int64_t N, int64_t C, int64_t H, int64_t W, int
   }
   const bool backward = pass == Pass::Backward || pass == Pass::ClipBackward;
   return W <= FLAT_MAX_W && H * W <= (backward ? FLAT_MAX_PIXELS : FLAT_MAX_FORWARD_PIXELS);
+}
+
+// The flat forward of a 3 x 3 window (dilation 1) takes output rows in
+// groups of three in the AVX-512 builds (correlate_row_groups): each row's x
+// vectors start at its first pixel, so the vectors past a row's end are
+// partly empty, and the groups pay where at most a quarter of the lanes is
+// lost (W of 12 to 16, 24 to 32, 36 to 48, ... with 16 lanes). Measured in
+// docs/cpu_kernels.md.
+inline bool row_groups_pay(int64_t W, int64_t K, int64_t dilation, int64_t lanes) {
+  const int64_t padded = (W + lanes - 1) / lanes * lanes;
+  return K == 3 && dilation == 1 && W >= 1 && 4 * W >= 3 * padded;
 }
 
 // The backward's pixel gather (every channel's sum in a register, see

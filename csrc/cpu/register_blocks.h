@@ -103,6 +103,62 @@ STCCL_ALWAYS_INLINE void correlate_rows_block(const acc_t* a, int64_t a_gstride,
     for (int j = 0; j < J; ++j) store(acc + g * acc_gstride + j * acc_stride, sum[g][j]);
 }
 
+// correlate_window_block over a 3 x 3 window (dilation 1) for R output rows
+// at once, the flat forward's row groups (see correlate_row_groups): row g of
+// a and of the sums lies g * a_gstride and g * acc_gstride past row 0, the
+// sums of offset k k * acc_kstride apart; staged row u of b (u * b_rstride
+// past b) serves window row u - g of output row g. Each b vector is loaded
+// once for every row that reads it: 3 (R + 2) + R loads per 9 R FMAs where
+// one row took 10 per 9 (the shifted b loads split cache lines, and the
+// loop was bound by them). Each sum still takes the channels in order, one
+// FMA each, as correlate_window_block's. AVX-512 only: R = 3 holds 27 sums,
+// three a vectors and b in 31 of the 32 registers (see correlate_rows_block
+// for the asm).
+template <int R, typename a_t, typename acc_t>
+STCCL_ALWAYS_INLINE void correlate_rows_window_block(const a_t* a, int64_t a_gstride,
+                                                     int64_t a_cstride, const acc_t* b,
+                                                     int64_t b_cstride, int64_t b_rstride,
+                                                     int64_t count, acc_t* acc,
+                                                     int64_t acc_gstride, int64_t acc_kstride) {
+  using vec = typename Simd<acc_t>::vec;
+  vec sum[R][9];
+#pragma GCC unroll 4
+  for (int g = 0; g < R; ++g)
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) sum[g][k] = load(acc + g * acc_gstride + k * acc_kstride);
+  // A pointer per row of a and of b: with offsets from one pointer, GCC kept
+  // some of the eight in memory and reloaded them every channel.
+  const a_t* a_row[R];
+  const acc_t* b_row[R + 2];
+#pragma GCC unroll 4
+  for (int g = 0; g < R; ++g) a_row[g] = a + g * a_gstride;
+#pragma GCC unroll 5
+  for (int u = 0; u < R + 2; ++u) b_row[u] = b + u * b_rstride;
+  for (int64_t c = 0; c < count; ++c) {
+    vec av[R];
+#pragma GCC unroll 4
+    for (int g = 0; g < R; ++g) {
+      av[g] = load(a_row[g]);
+      a_row[g] += a_cstride;
+    }
+#pragma GCC unroll 5
+    for (int u = 0; u < R + 2; ++u)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) {
+        vec bv = load(b_row[u] + j);
+        if (j == 2) b_row[u] += b_cstride;
+        asm("" : STCCL_VECTOR_REGISTER(bv));
+#pragma GCC unroll 4
+        for (int g = 0; g < R; ++g)
+          if (u - g >= 0 && u - g < 3) sum[g][(u - g) * 3 + j] += av[g] * bv;
+      }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < R; ++g)
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) store(acc + g * acc_gstride + k * acc_kstride, sum[g][k]);
+}
+
 // The register blocks of correlate_chunk: inlined in the portable build, and
 // in the native builds functions of their own. Inlined into the band loop there,
 // they shared its registers, and GCC kept their loops' pointers and bounds on
@@ -127,6 +183,10 @@ struct NativeBlocks {
       correlate_rows_block<R, J, DIL>(args...);
     }
   };
+  template <int R, typename... Args>
+  STCCL_NATIVE_FUNCTION static void rows_window(Args... args) {
+    correlate_rows_window_block<R>(args...);
+  }
   // correlate_window_block for I window rows, as BLOCK<J, DIL> of
   // STCCL_BLOCKED (with MAXB = max_window_block(I)).
   template <int I>

@@ -99,7 +99,8 @@ struct ClipWorkspace {
   Buffer<acc_t> acc, out_rows;
   ClipWorkspace(const Layout<acc_t>& L, const Layout<acc_t>* spatial)
       : staged(L),
-        acc(L.band_rows * std::max(L.KK, spatial ? spatial->KK : 0) * L.Wv),
+        acc(std::max(L.band_rows * std::max(L.KK, spatial ? spatial->KK : 0) * L.Wv,
+                     L.KK * L.image_H * L.group_W)),
         out_rows(std::max(L.run_buffer(L.KK), spatial ? spatial->run_buffer(spatial->KK) : 0)) {}
 };
 
@@ -124,12 +125,22 @@ STCCL_ALWAYS_INLINE void clip_forward_band(const ClipForwardArgs<scalar_t, acc_t
   // the spatial one) into `out`, the frame's (K*K, H, W).
   auto volume = [&](const Layout<acc_t>& Lw, bool self, const StagedBand<acc_t>& other,
                     scalar_t* out) STCCL_LAMBDA_INLINE {
-    std::fill_n(acc, c.rows * Lw.KK * Lw.Wv, acc_t(0));
+    // (the row groups read past a row's end inside the staged halo)
+    const bool grouped = STCCL_VECTOR_BYTES == 64 && ROW_PAIRS && Lw.group_W > 0 && !self;
+    std::fill_n(acc, Lw.KK * (grouped ? Lw.image_H * Lw.group_W : c.rows * Lw.Wv), acc_t(0));
     for (int64_t c0 = 0; c0 < L.C; c0 += L.chunk) {
-      correlate_chunk<ROW_PAIRS>(Lw, self, c.rows, std::min(L.chunk, L.C - c0),
-                                 A.stage.data() + c0 * cs + own, cs, WB,
-                                 other.stage.data() + c0 * cs + Lw.inset, acc);
+      const int64_t count = std::min(L.chunk, L.C - c0);
+      const acc_t* a_rows = A.stage.data() + c0 * cs + own;
+      const acc_t* b_rows = other.stage.data() + c0 * cs + Lw.inset;
+      if constexpr (STCCL_VECTOR_BYTES == 64 && ROW_PAIRS) {
+        if (grouped) {
+          correlate_row_groups(Lw, count, a_rows, cs, b_rows, acc);
+          continue;
+        }
+      }
+      correlate_chunk<ROW_PAIRS>(Lw, self, c.rows, count, a_rows, cs, WB, b_rows, acc);
     }
+    if (grouped) compact_row_groups(Lw, acc);
     zero_outside_image(Lw, c.y0, c.rows, acc);
     write_output(Lw, self, c.y0, c.rows, acc, A.inv.data() + own, WB,
                  other.inv.data() + Lw.inset, ws.out_rows.data(), out);
