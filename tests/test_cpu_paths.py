@@ -411,14 +411,15 @@ def test_layout_rule_on_both_sides_of_its_thresholds():
 
 def test_row_groups_rule_on_both_sides_of_its_threshold():
     """The flat forward of a 3 x 3 window with dilation 1 takes row groups
-    where at most a quarter of the lanes of each row's vectors is lost (16
-    lanes: W of 12 to 16, 24 to 32, ...; float64's 8: 6 to 8, 12 to 16, ...)."""
+    where at most an eighth of the lanes of each row's vectors is lost (16
+    lanes: W of 14 to 16, 28 to 32, 42 to 48, ...; float64's 8: 7 to 8, 14 to
+    16, ...)."""
     pays = _extension._C._cpu_row_groups_pay
-    for W in (12, 14, 16, 24, 28, 31, 32, 36, 48, 56, 60):
+    for W in (14, 16, 28, 31, 32, 42, 48, 56, 60, 64):
         assert pays(W, 3, 1, 16), W
-    for W in (1, 7, 8, 11, 17, 20, 23, 33, 35):
+    for W in (1, 7, 8, 12, 13, 17, 20, 24, 27, 40, 41, 55):
         assert not pays(W, 3, 1, 16), W
-    assert pays(6, 3, 1, 8) and pays(14, 3, 1, 8) and not pays(5, 3, 1, 8) and not pays(9, 3, 1, 8)
+    assert pays(7, 3, 1, 8) and pays(14, 3, 1, 8) and not pays(6, 3, 1, 8) and not pays(9, 3, 1, 8)
     assert not pays(56, 5, 1, 16) and not pays(56, 1, 1, 16) and not pays(56, 3, 2, 16)
 
 

@@ -87,12 +87,13 @@ inline bool flat_pays(Pass pass, int64_t N, int64_t C, int64_t H, int64_t W, int
 // The flat forward of a 3 x 3 window (dilation 1) takes output rows in
 // groups of three in the AVX-512 builds (correlate_row_groups): each row's x
 // vectors start at its first pixel, so the vectors past a row's end are
-// partly empty, and the groups pay where at most a quarter of the lanes is
-// lost (W of 12 to 16, 24 to 32, 36 to 48, ... with 16 lanes). Measured in
-// docs/cpu_kernels.md.
+// partly empty, and the groups pay where at most an eighth of the lanes is
+// lost (with 16 lanes W of 14 to 16, 28 to 32, 42 to 48, 56 to 64, ...).
+// Measured in docs/cpu_kernels.md: 14, 28 and 56 gained, 12, 24 and 40 lost
+// or tied.
 inline bool row_groups_pay(int64_t W, int64_t K, int64_t dilation, int64_t lanes) {
   const int64_t padded = (W + lanes - 1) / lanes * lanes;
-  return K == 3 && dilation == 1 && W >= 1 && 4 * W >= 3 * padded;
+  return K == 3 && dilation == 1 && W >= 1 && 8 * W >= 7 * padded;
 }
 
 // The backward's pixel gather (every channel's sum in a register, see
