@@ -40,7 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_isa", &stccl::cpu::set_isa,
         "Force the CPU kernel path: 'auto', 'avx512', 'avx2' or 'generic' (for tests).");
   m.def("_set_cpu_layout", &stccl::cpu::set_layout,
-        "Force the CPU kernels' band layout: 'auto', 'rows' or 'flat' (for tests).");
+        "Force the CPU kernels' band layout: 'auto', 'rows', 'flat', 'groups' (flat with the "
+        "forward's row groups) or 'pixels' (for tests).");
   m.def("_cpu_isa_for_call",
         [](int64_t W, int64_t acc_bytes) {
           return stccl::cpu::isa_name(stccl::cpu::isa_for_call(W, acc_bytes));
